@@ -1,0 +1,19 @@
+"""minitensor: a small deep-learning engine with every backward pass written by hand.
+
+NumPy on the CPU (hot kernels in numba), CuPy on the GPU; NHWC data and HWIO kernels as in
+Keras. Read it bottom-up: backend.py -> kernels/ -> layers/, losses.py, optimizers.py ->
+model.py. ``python -m minitensor.gradcheck --all`` checks every backward pass numerically.
+"""
+from . import backend, kernels, layers, losses, optimizers
+from .backend import get_array_module, is_gpu_available, to_device, to_numpy
+from .layers import (Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, MaxPooling2D, ReLU, Softmax,
+                     UpSampling2D, set_seed)
+from .model import Model, ModelFileError, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Concatenate", "Conv2D", "Cropping2D", "Input", "MaxPool2D", "MaxPooling2D", "Model", "ModelFileError",
+    "ReLU", "Softmax", "UpSampling2D", "backend", "get_array_module", "is_gpu_available", "kernels", "layers",
+    "load_model", "losses", "optimizers", "set_seed", "to_device", "to_numpy",
+]

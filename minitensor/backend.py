@@ -1,0 +1,138 @@
+"""The one place in minitensor that knows about devices.
+
+Every other module asks this one which array module an array belongs to
+(``xp = get_array_module(x)``) and then writes ``xp.matmul``, ``xp.zeros`` and so on,
+so that ninety percent of the engine never knows whether it runs on NumPy (CPU) or
+CuPy (GPU). CuPy is optional: it is imported lazily, the first time somebody asks for
+the GPU or hands us an array that is not a NumPy array.
+
+Devices are named ``"cpu"`` and ``"gpu"``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CPU = "cpu"
+GPU = "gpu"
+DEVICES = (CPU, GPU)
+
+_INSTALL_HINT = (
+    "install CuPy for your CUDA version (for CUDA 12: pip install 'minitensor[gpu]', "
+    "which installs cupy-cuda12x) on a machine with an NVIDIA GPU, or use the CPU (--device cpu)"
+)
+
+_cupy = None          # the cupy module once imported successfully
+_cupy_error = None    # why importing it failed, to repeat in error messages
+
+
+def _import_cupy():
+    """Import CuPy once; return the module or None (remembering why it failed)."""
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy  # noqa: PLC0415  (optional dependency, imported on demand)
+            _cupy = cupy
+        except Exception as exc:  # ImportError, or a broken CUDA install raising anything
+            _cupy_error = f"{type(exc).__name__}: {exc}"
+    return _cupy
+
+
+def cupy_module():
+    """Return the cupy module, or raise a RuntimeError that says how to get it."""
+    cupy = _import_cupy()
+    if cupy is None:
+        raise RuntimeError(f"the GPU needs CuPy, which could not be imported ({_cupy_error}); {_INSTALL_HINT}")
+    return cupy
+
+
+def is_gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def require_gpu():
+    """Return cupy, or raise RuntimeError if CuPy is missing or sees no CUDA device."""
+    cupy = cupy_module()
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise RuntimeError(f"CuPy is installed but no CUDA device can be used ({exc}); {_INSTALL_HINT}") from exc
+    if count == 0:
+        raise RuntimeError(f"CuPy is installed but sees no CUDA device; {_INSTALL_HINT}")
+    return cupy
+
+
+def _is_cupy_array(x) -> bool:
+    # Check the type's module name first, so that a NumPy array never imports CuPy.
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """Return ``numpy`` or ``cupy``: the module that owns the given arrays.
+
+    Non-array arguments (floats, None) are ignored. Mixing NumPy and CuPy arrays in one
+    call is an error that names both devices, instead of a crash deep inside a kernel.
+    """
+    found_cpu = found_gpu = False
+    for a in arrays:
+        if a is None or np.isscalar(a):
+            continue
+        if _is_cupy_array(a):
+            found_gpu = True
+        elif isinstance(a, np.ndarray):
+            found_cpu = True
+    if found_cpu and found_gpu:
+        raise TypeError(
+            "arrays on different devices in one operation: some are NumPy arrays (cpu) and some are "
+            "CuPy arrays (gpu); move them to one device first, e.g. minitensor.to_device(x, 'gpu') "
+            "or model.to('cpu')"
+        )
+    if found_gpu:
+        return cupy_module()
+    return np
+
+
+def device_of(x) -> str:
+    """``"gpu"`` for a CuPy array, ``"cpu"`` for anything else."""
+    return GPU if _is_cupy_array(x) else CPU
+
+
+def check_device(name: str) -> str:
+    """Validate a device name and return it normalised ("cpu" or "gpu")."""
+    device = str(name).lower()
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'gpu'")
+    return device
+
+
+def to_device(x, device: str):
+    """Return ``x`` as an array on ``device`` ("cpu" or "gpu"), copying only if needed."""
+    device = check_device(device)
+    if device == GPU:
+        if _is_cupy_array(x):
+            return x
+        return require_gpu().asarray(x)
+    if _is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def to_numpy(x):
+    """Return a NumPy array whatever the device (a no-op for NumPy arrays)."""
+    return to_device(x, CPU)
+
+
+def resolve_device(name: str) -> str:
+    """Turn "auto" into "gpu" when a GPU is usable, else "cpu"; check "gpu" is usable."""
+    if str(name).lower() == "auto":
+        return GPU if is_gpu_available() else CPU
+    device = check_device(name)
+    if device == GPU:
+        require_gpu()
+    return device

@@ -1,0 +1,232 @@
+"""Check a hand-written backward pass against central differences, in float64.
+
+For a layer y = f(x, W) and an upstream gradient dout (random, so that every output entry
+matters), the quantity backward computes is dL/dx for L = sum(f(x) * dout). Each entry of it
+can be estimated without any calculus:
+
+    dL/dx[i] ~= (sum(f(x + h e_i) * dout) - sum(f(x - h e_i) * dout)) / (2h)
+
+The error of this estimate is O(h^2) (the h^1 terms cancel in the central difference), so in
+float64 with h = 1e-6 a correct backward agrees to ~1e-9 or better, and a wrong one is off by
+O(1). We report, per input and per parameter,
+
+    relative error = max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|)
+
+(normalised by the largest entry, so entries that are legitimately zero, e.g. behind a ReLU,
+do not divide by zero), and print the worst entries when a check fails.
+
+From the command line, on any layer or loss::
+
+    python -m minitensor.gradcheck conv2d
+    python -m minitensor.gradcheck --all
+    python -m minitensor.gradcheck --list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layers, losses
+
+DEFAULT_EPS = 1e-6
+DEFAULT_TOLERANCE = 1e-6
+
+
+def numerical_gradient(forward, array, dout, eps=DEFAULT_EPS):
+    """Central-difference estimate of d sum(forward() * dout) / d array.
+
+    ``forward`` is a zero-argument function that reads ``array``; we perturb ``array`` in place
+    one entry at a time and restore it afterwards.
+    """
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + eps
+        plus = np.sum(forward() * dout)
+        array[index] = original - eps
+        minus = np.sum(forward() * dout)
+        array[index] = original
+        grad[index] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def relative_error(analytic, numeric):
+    scale = max(np.max(np.abs(analytic), initial=0.0), np.max(np.abs(numeric), initial=0.0))
+    if scale == 0.0:
+        return 0.0
+    return float(np.max(np.abs(analytic - numeric)) / scale)
+
+
+@dataclass
+class GradcheckResult:
+    """Per-name relative errors, plus what is needed to show the worst entries."""
+
+    tolerance: float
+    errors: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)   # name -> (analytic, numeric)
+
+    @property
+    def passed(self) -> bool:
+        return all(err < self.tolerance for err in self.errors.values())
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+    def report(self, worst=5) -> str:
+        lines = []
+        for name, err in self.errors.items():
+            status = "ok" if err < self.tolerance else "FAIL"
+            lines.append(f"  {name:<12} max relative error {err:.3e}  {status}")
+            if err >= self.tolerance:
+                analytic, numeric = self.details[name]
+                diff = np.abs(analytic - numeric)
+                for flat in np.argsort(diff, axis=None)[::-1][:worst]:
+                    index = np.unravel_index(flat, diff.shape)
+                    lines.append(f"      at {index}: backward {analytic[index]: .9e}  numeric {numeric[index]: .9e}")
+        return "\n".join(lines)
+
+
+def check_gradients(forward, backward, arrays, names, dout, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
+    """Compare backward(dout) (a list of gradients, one per array) with central differences.
+
+    ``forward()`` must read the arrays in ``arrays`` (which are perturbed in place).
+    """
+    forward()
+    analytic = [np.asarray(g, dtype=np.float64) for g in backward(dout)]
+    result = GradcheckResult(tolerance)
+    for name, array, grad in zip(names, arrays, analytic):
+        numeric = numerical_gradient(forward, array, dout, eps)
+        result.errors[name] = relative_error(grad, numeric)
+        result.details[name] = (grad, numeric)
+    return result
+
+
+def check_layer(layer, inputs, dout=None, seed=0, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
+    """Gradient-check a float64 layer on ``inputs`` (an array, or a list for Concatenate).
+
+    Checks dL/d(input) for every input and dL/d(weight) for every parameter, with a random
+    upstream gradient ``dout`` unless one is given.
+    """
+    if layer.dtype != np.float64:
+        raise TypeError(f"gradient checks need a float64 layer (dtype='float64'), {layer.name!r} is {layer.dtype}")
+    is_list = isinstance(inputs, (list, tuple))
+    input_list = [np.array(x, dtype=np.float64) for x in (inputs if is_list else [inputs])]
+    call_inputs = input_list if is_list else input_list[0]
+    y = layer.forward(call_inputs)
+    if dout is None:
+        dout = np.random.default_rng(seed).standard_normal(y.shape)
+
+    def forward():
+        return layer.forward(call_inputs)
+
+    def backward(upstream):
+        dx = layer.backward(upstream)
+        return list(dx if is_list else [dx]) + [g.copy() for g in layer.grads]
+
+    names = [f"x{i}" if is_list else "x" for i in range(len(input_list))] + list(layer.weight_names[:len(layer.params)])
+    return check_gradients(forward, backward, input_list + layer.params, names, dout, eps, tolerance)
+
+
+def check_loss(loss, y_pred, y_true, sample_weight=None, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
+    """Gradient-check a loss: the analytic dL/dy_pred against central differences of L."""
+    y_pred = np.array(y_pred, dtype=np.float64)
+
+    def forward():
+        return np.float64(loss.forward(y_pred, y_true, sample_weight))
+
+    return check_gradients(forward, lambda dout: [loss.backward() * dout], [y_pred], ["y_pred"], np.float64(1.0),
+                           eps, tolerance)
+
+
+# ----- the command line: a few named examples for each layer and loss ------------------------
+
+def _random(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def _probabilities(rng, shape):
+    logits = rng.standard_normal(shape)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _one_hot(rng, shape):
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    return np.eye(shape[-1])[labels]
+
+
+def _layer_example(make_layer, input_shapes):
+    def run(rng, batch):
+        shapes = [(batch, *s) for s in input_shapes]
+        inputs = [_random(rng, *s) for s in shapes]
+        return check_layer(make_layer(), inputs if len(inputs) > 1 else inputs[0], seed=int(rng.integers(1 << 30)))
+    return run
+
+
+def _loss_example(make_loss, targets_from, predictions_from):
+    def run(rng, batch):
+        shape = (batch, 5, 4, 3)
+        return check_loss(make_loss(), predictions_from(rng, shape), targets_from(rng, shape),
+                          sample_weight=rng.uniform(0.5, 2.0, size=shape[:-1]))
+    return run
+
+
+F64 = "float64"
+EXAMPLES = {
+    "conv2d": _layer_example(lambda: layers.Conv2D(4, 3, dtype=F64, seed=1), [(7, 6, 3)]),
+    "conv2d_same_stride2": _layer_example(
+        lambda: layers.Conv2D(3, 3, strides=2, padding="same", dtype=F64, seed=1), [(7, 8, 2)]),
+    "conv2d_relu": _layer_example(lambda: layers.Conv2D(4, 3, padding="same", activation="relu", dtype=F64, seed=1),
+                                  [(5, 5, 2)]),
+    "conv2d_softmax": _layer_example(lambda: layers.Conv2D(4, 1, activation="softmax", dtype=F64, seed=1),
+                                     [(5, 5, 3)]),
+    "maxpool2d": _layer_example(lambda: layers.MaxPool2D(2, dtype=F64), [(6, 7, 3)]),
+    "upsampling2d": _layer_example(lambda: layers.UpSampling2D(2, dtype=F64), [(3, 4, 2)]),
+    "cropping2d": _layer_example(lambda: layers.Cropping2D(((1, 2), (0, 1)), dtype=F64), [(6, 5, 2)]),
+    "concatenate": _layer_example(lambda: layers.Concatenate(dtype=F64), [(4, 4, 2), (4, 4, 3)]),
+    "relu": _layer_example(lambda: layers.ReLU(dtype=F64), [(4, 5, 3)]),
+    "softmax": _layer_example(lambda: layers.Softmax(dtype=F64), [(4, 5, 3)]),
+    "binary_crossentropy": _loss_example(lambda: losses.BinaryCrossentropy(), _one_hot, _probabilities),
+    "binary_crossentropy_logits": _loss_example(lambda: losses.BinaryCrossentropy(from_logits=True), _one_hot,
+                                                lambda rng, shape: _random(rng, *shape)),
+    "categorical_crossentropy": _loss_example(lambda: losses.CategoricalCrossentropy(), _one_hot, _probabilities),
+    "softmax_cross_entropy": _loss_example(lambda: losses.SoftmaxCrossEntropy(), _one_hot,
+                                           lambda rng, shape: _random(rng, *shape)),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minitensor.gradcheck",
+                                     description="Check a layer's or loss's backward pass against central "
+                                                 "differences in float64.")
+    parser.add_argument("names", nargs="*", help="layers or losses to check (see --list)")
+    parser.add_argument("--all", action="store_true", help="check every example")
+    parser.add_argument("--list", action="store_true", help="list the examples and exit")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(EXAMPLES))
+        return 0
+    names = list(EXAMPLES) if args.all else args.names
+    if not names:
+        parser.error("name a layer or loss (see --list), or pass --all")
+    unknown = [n for n in names if n not in EXAMPLES]
+    if unknown:
+        parser.error(f"unknown example(s) {', '.join(unknown)}; choose from: {', '.join(EXAMPLES)}")
+    rng = np.random.default_rng(args.seed)
+    failed = 0
+    for name in names:
+        result = EXAMPLES[name](rng, args.batch)
+        print(f"{name}: {'passed' if result.passed else 'FAILED'} (tolerance {result.tolerance:g})")
+        print(result.report())
+        failed += not result.passed
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""minitensor layers: one file per layer, forward and backward side by side.
+
+conv2d.py (Conv2D), pooling.py (MaxPool2D), upsampling.py (UpSampling2D), cropping.py
+(Cropping2D), merge.py (Concatenate), activations.py (ReLU, Softmax), base.py (the Layer
+contract, Input and the symbolic tensors of the model graph).
+"""
+from .activations import ReLU, Softmax
+from .base import Input, InputLayer, Layer, SymbolicTensor, set_seed
+from .conv2d import Conv2D
+from .cropping import Cropping2D
+from .merge import Concatenate
+from .pooling import MaxPool2D
+from .upsampling import UpSampling2D
+
+# Keras's aliases, so the seed's spelling works too.
+MaxPooling2D = MaxPool2D
+
+__all__ = [
+    "Concatenate", "Conv2D", "Cropping2D", "Input", "InputLayer", "Layer", "MaxPool2D", "MaxPooling2D",
+    "ReLU", "Softmax", "SymbolicTensor", "UpSampling2D", "set_seed",
+]

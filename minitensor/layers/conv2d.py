@@ -1,0 +1,177 @@
+"""Conv2D: a 2-D convolution as one matrix product (im2col + GEMM), forward and backward.
+
+Shapes (Keras's layout): x (N, H, W, C), kernel W (KH, KW, C, OC) "HWIO", bias b (OC,),
+output y (N, OH, OW, OC).
+
+Forward
+    im2col copies every KH x KW x C input patch into one row of a matrix, so the whole
+    convolution becomes a single GEMM (the fast part, done by BLAS or cuBLAS):
+
+        X_col = im2col(x)              (N*OH*OW, KH*KW*C)   one row per output pixel
+        W_col = W.reshape(KH*KW*C, OC)                      HWIO already has this order:
+                                                            a free reshape, no transpose
+        Z     = X_col @ W_col + b      (N*OH*OW, OC)        reshaped to (N, OH, OW, OC)
+        y     = activation(Z)
+
+Backward, given dy = dL/dy
+    dZ = activation'(dy)                                    (see activations.py)
+    Z = X_col @ W_col + b is a plain matrix product, so the usual matrix-calculus rules give
+
+        dW_col = X_col^T @ dZ          (KH*KW*C, OC)        each weight meets every patch
+        db     = 1^T @ dZ              (OC,)                 the bias is added to every row
+        dX_col = dZ @ W_col^T          (N*OH*OW, KH*KW*C)
+
+    and dx = col2im(dX_col): each input pixel appears in several patches (the windows
+    overlap), so col2im *adds* the patch gradients back into place. That sum is the whole
+    difference between im2col and its adjoint.
+
+We keep x, not X_col, for backward and rebuild X_col there: X_col is KH*KW (9x) larger than x,
+and for the 572x572 U-Net storing them all would take many gigabytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend, kernels
+from .activations import activation_backward, activation_forward, check_activation
+from .base import Layer, check_padding, init_rng, normalize_pair, window_output_and_padding
+
+
+def glorot_uniform(shape, rng, dtype):
+    """Keras's default kernel initialiser: U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out))."""
+    receptive_field = int(np.prod(shape[:-2]))
+    fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+class Conv2D(Layer):
+    """2-D convolution with Keras's constructor: ``Conv2D(64, (3, 3), (1, 1), 'valid', activation='relu')``.
+
+    Args:
+        filters: OC, the number of output channels.
+        kernel_size: int or (KH, KW).
+        strides: int or (SH, SW).
+        padding: 'valid' (no padding) or 'same' (TensorFlow's rule, odd pixel at the bottom/right).
+        activation: None, 'relu' or 'softmax' (over channels), fused into the layer as in Keras.
+        use_bias: add a bias per output channel.
+        seed: seed for this layer's glorot-uniform kernel; None draws from minitensor.set_seed's generator.
+    """
+
+    weight_names = ("kernel", "bias")
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True,
+                 name=None, dtype="float32", seed=None):
+        super().__init__(name=name, dtype=dtype)
+        if not isinstance(filters, (int, np.integer)) or filters <= 0:
+            raise ValueError(f"filters must be a positive int, got {filters!r}")
+        self.filters = int(filters)
+        self.kernel_size = normalize_pair(kernel_size, "kernel_size")
+        self.strides = normalize_pair(strides, "strides")
+        self.padding = check_padding(padding)
+        self.activation = check_activation(activation)
+        self.use_bias = bool(use_bias)
+        self.seed = seed
+        if not self.use_bias:
+            self.weight_names = ("kernel",)
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"layer {self.name!r} expects (height, width, channels) inputs, got {input_shape}")
+        super().build(input_shape)
+        in_channels = input_shape[-1]
+        kernel_h, kernel_w = self.kernel_size
+        kernel = glorot_uniform((kernel_h, kernel_w, in_channels, self.filters), init_rng(self.seed), self.dtype)
+        self.params = [kernel]
+        if self.use_bias:
+            self.params.append(np.zeros(self.filters, dtype=self.dtype))
+        self.params = [backend.to_device(p, self.device) for p in self.params]
+        xp = backend.get_array_module(*self.params)
+        self.grads = [xp.zeros_like(p) for p in self.params]
+
+    def _geometry(self, height, width):
+        """(out_h, out_w, pad_top, pad_left) for an input of this size."""
+        (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.strides
+        out_h, pad_top, _ = window_output_and_padding(height, kernel_h, stride_h, self.padding)
+        out_w, pad_left, _ = window_output_and_padding(width, kernel_w, stride_w, self.padding)
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(
+                f"layer {self.name!r}: input of {height}x{width} is smaller than the {kernel_h}x{kernel_w} kernel "
+                f"with 'valid' padding; use a larger input or padding='same'"
+            )
+        return out_h, out_w, pad_top, pad_left
+
+    def compute_output_shape(self, input_shape):
+        out_h, out_w, _, _ = self._geometry(input_shape[0], input_shape[1])
+        return (out_h, out_w, self.filters)
+
+    def _im2col(self, x, geometry):
+        out_h, out_w, pad_top, pad_left = geometry
+        (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.strides
+        if (kernel_h, kernel_w, stride_h, stride_w) == (1, 1, 1, 1):
+            # A 1x1 conv is already a matrix product: each pixel is its own patch.
+            return x.reshape(-1, x.shape[-1])
+        return kernels.im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w)
+
+    def forward(self, x):
+        """x (N, H, W, C) -> y (N, OH, OW, OC)."""
+        self._check_input(x)
+        if not self.built:
+            self.build(x.shape[1:])
+        geometry = self._geometry(x.shape[1], x.shape[2])
+        out_h, out_w = geometry[:2]
+        kernel = self.params[0]
+        cols = self._im2col(x, geometry)
+        z = cols @ kernel.reshape(-1, self.filters)
+        if self.use_bias:
+            z += self.params[1]
+        z = z.reshape(x.shape[0], out_h, out_w, self.filters)
+        y = activation_forward(self.activation, z)
+        # Softmax's logits are kept for losses that take logits (pre_activation); ReLU needs only y.
+        self._cache = (x, y, z if self.activation == "softmax" else None, geometry)
+        return y
+
+    def backward(self, dy, from_logits=False):
+        """dy (N, OH, OW, OC) -> dx (N, H, W, C); fills self.grads = [dW, db].
+
+        With ``from_logits=True``, dy is the gradient with respect to the pre-activation output Z
+        (the logits) and the activation's backward is skipped: see Model.train_on_batch.
+        """
+        x, y, _, geometry = self._pop_cache()
+        xp = backend.get_array_module(x, dy)
+        dz = dy if from_logits else activation_backward(self.activation, dy, y)
+        dz = xp.ascontiguousarray(dz).reshape(-1, self.filters)
+        kernel = self.params[0]
+        cols = self._im2col(x, geometry)
+        self.grads[0] = (cols.T @ dz).reshape(kernel.shape)
+        if self.use_bias:
+            # A GEMV with a ones vector: much faster than dz.sum(axis=0) on a tall matrix (CuPy).
+            self.grads[1] = xp.ones(dz.shape[0], dtype=dz.dtype) @ dz
+        del cols   # free the largest buffer before allocating dX_col
+        dcols = dz @ kernel.reshape(-1, self.filters).T
+        return self._col2im(dcols, x.shape, geometry)
+
+    def _col2im(self, dcols, x_shape, geometry):
+        out_h, out_w, pad_top, pad_left = geometry
+        (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.strides
+        if (kernel_h, kernel_w, stride_h, stride_w) == (1, 1, 1, 1):
+            return dcols.reshape(x_shape)
+        return kernels.col2im(dcols, x_shape, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left,
+                              out_h, out_w)
+
+    def pre_activation(self):
+        """Z, the logits of the last forward, for losses that take logits (Keras's ``_keras_logits``)."""
+        cache = getattr(self, "_cache", None)
+        if cache is None:
+            raise RuntimeError(f"layer {self.name!r}: no forward has been run")
+        _, y, z, _ = cache
+        if self.activation == "relu":
+            raise ValueError(f"layer {self.name!r}: logits are kept only for a softmax or linear output layer")
+        return y if self.activation is None else z
+
+    def get_config(self):
+        return {
+            **super().get_config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
+            "strides": list(self.strides), "padding": self.padding, "activation": self.activation,
+            "use_bias": self.use_bias,
+        }

@@ -1,0 +1,416 @@
+"""Model: a graph of layers built in Keras's functional style, that runs its own backward pass.
+
+Building (exactly as the seed's Keras code)::
+
+    inputs = Input((128, 128, 3), name="input")
+    x1 = Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x2 = MaxPool2D(2)(x1)
+    ...
+    y = Concatenate()([x1, UpSampling2D(2)(x2)])
+    model = Model(inputs, outputs, name="UNet")
+
+Each layer call records a node: (layer, its input tensors, its output tensor). The model keeps
+the nodes in the order the layers were called, which is always a valid order to run them in.
+
+Forward runs the nodes in that order. Backward runs them in reverse: each node takes the
+gradient of its output, calls its layer's hand-written ``backward``, and hands the result to
+the tensors it read. A tensor read by two layers (an encoder map that feeds both the next
+encoder block and a skip connection) receives two gradients, and they **add**, because
+L depends on x through both paths: dL/dx = dL/dx|path 1 + dL/dx|path 2. That one ``+=`` is
+all a skip connection asks of backprop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import backend, layers as layer_module, losses as loss_module, optimizers as optimizer_module
+from .layers.base import InputLayer, SymbolicTensor
+
+FORMAT_VERSION = 1
+_LAYER_CLASSES = {cls.__name__: cls for cls in (
+    layer_module.Conv2D, layer_module.MaxPool2D, layer_module.UpSampling2D, layer_module.Cropping2D,
+    layer_module.Concatenate, layer_module.ReLU, layer_module.Softmax, InputLayer)}
+
+
+class ModelFileError(ValueError):
+    """A model or weights file that is missing, corrupt, or does not fit the model."""
+
+
+class _Node:
+    """One layer call in the graph: ``output = layer(inputs)``."""
+
+    __slots__ = ("layer", "inputs", "output")
+
+    def __init__(self, layer, inputs, output):
+        self.layer, self.inputs, self.output = layer, inputs, output
+
+
+def _collect_nodes(output):
+    """Every node the output depends on, in the order the layers were called (a topological order)."""
+    seen, tensors = set(), []
+
+    def visit(tensor):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors.append(tensor)
+            for parent in tensor.inputs:
+                visit(parent)
+
+    visit(output)
+    tensors.sort(key=lambda t: t.call_index)
+    return [_Node(t.producer, t.inputs, t) for t in tensors]
+
+
+class Model:
+    """A functional model: ``Model(inputs, outputs, name)`` with Keras's method names."""
+
+    def __init__(self, inputs, outputs, name="model"):
+        if not isinstance(inputs, SymbolicTensor) or not isinstance(outputs, SymbolicTensor):
+            raise TypeError("Model(inputs, outputs) takes the symbolic tensors returned by Input(...) and by "
+                            "calling layers on them (one input and one output)")
+        self.name = name
+        self.input, self.output = inputs, outputs
+        self.nodes = _collect_nodes(outputs)
+        if self.nodes[0].output is not inputs or not isinstance(inputs.producer, InputLayer):
+            raise ValueError("the model's output does not depend on its input")
+        self.layers = [node.layer for node in self.nodes]
+        names = [layer.name for layer in self.layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"layer names must be unique in a model, repeated: {', '.join(duplicates)}")
+        if len(set(map(id, self.layers))) != len(self.layers):
+            raise ValueError("a layer object is used twice; minitensor layers keep one forward cache each")
+        self.dtype = inputs.dtype
+        self.device = backend.CPU
+        self.optimizer = None
+        self.loss = None
+        self.stop_training = False
+
+    # ----- shapes and parameters ---------------------------------------------------------
+    @property
+    def input_shape(self):
+        return (None, *self.input.shape)
+
+    @property
+    def output_shape(self):
+        return (None, *self.output.shape)
+
+    @property
+    def params(self):
+        return [p for layer in self.layers for p in layer.params]
+
+    @property
+    def grads(self):
+        return [g for layer in self.layers for g in layer.grads]
+
+    def count_params(self) -> int:
+        return sum(layer.count_params() for layer in self.layers)
+
+    def get_layer(self, name):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(f"no layer named {name!r} in model {self.name!r}; layers: "
+                         f"{', '.join(layer.name for layer in self.layers)}")
+
+    def get_weights(self):
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights):
+        weights = list(weights)
+        expected = sum(len(layer.params) for layer in self.layers)
+        if len(weights) != expected:
+            raise ValueError(f"model {self.name!r} has {expected} weight arrays, got {len(weights)}")
+        start = 0
+        for layer in self.layers:
+            count = len(layer.params)
+            layer.set_weights(weights[start:start + count])
+            start += count
+
+    def to(self, device):
+        """Move every parameter (and the optimizer's moments, at its next step) to "cpu" or "gpu"."""
+        device = backend.check_device(device)
+        if device == backend.GPU:
+            backend.require_gpu()
+        for layer in self.layers:
+            layer.to(device)
+        if self.optimizer is not None:
+            self.optimizer.to(device)
+        self.device = device
+        return self
+
+    # ----- the two passes ---------------------------------------------------------------
+    def forward(self, x):
+        """Run every layer in order; x (N, H, W, C) on the model's device -> output array."""
+        self.nodes[0].layer.forward(x)       # checks shape, dtype and device of the input
+        values = {id(self.input): x}
+        readers_left = self._reader_counts()
+        for node in self.nodes[1:]:
+            args = [values[id(t)] for t in node.inputs]
+            values[id(node.output)] = node.layer.forward(args if len(args) > 1 else args[0])
+            for tensor in node.inputs:
+                readers_left[id(tensor)] -= 1
+                if readers_left[id(tensor)] == 0:
+                    del values[id(tensor)]   # the layers keep what their backward needs
+        return values[id(self.output)]
+
+    def backward(self, dy, from_logits=False):
+        """Run the layers' backward passes in reverse order; returns dL/d(input).
+
+        ``from_logits=True`` means dy is the gradient with respect to the output layer's logits
+        (its pre-softmax values), so that layer skips its activation's backward.
+        """
+        grads = {id(self.output): dy}
+        for node in reversed(self.nodes[1:]):
+            dout = grads.pop(id(node.output))
+            if node.output is self.output and from_logits:
+                dinputs = node.layer.backward(dout, from_logits=True)
+            else:
+                dinputs = node.layer.backward(dout)
+            if len(node.inputs) == 1:
+                dinputs = [dinputs]
+            for tensor, grad in zip(node.inputs, dinputs):
+                if id(tensor) in grads:
+                    grads[id(tensor)] = grads[id(tensor)] + grad   # a tensor read twice: gradients add
+                else:
+                    grads[id(tensor)] = grad
+        return grads[id(self.input)]
+
+    def _reader_counts(self):
+        counts = {}
+        for node in self.nodes:
+            for tensor in node.inputs:
+                counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+        return counts
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.clear_cache()
+
+    # ----- Keras-style training API ------------------------------------------------------
+    def compile(self, optimizer="adam", loss="binary_crossentropy"):
+        self.optimizer = optimizer_module.Adam() if optimizer == "adam" else optimizer
+        self.loss = loss_module.get(loss) if isinstance(loss, str) else loss
+        if self.device != backend.CPU:
+            self.optimizer.to(self.device)
+        return self
+
+    def _to_model_array(self, x, what):
+        """NumPy or CuPy input -> an array of the model's dtype on the model's device."""
+        if not hasattr(x, "shape"):
+            x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{what} must be numeric, got dtype {x.dtype}")
+        x = backend.to_device(x, self.device)
+        xp = backend.get_array_module(x)
+        return xp.ascontiguousarray(x, dtype=self.dtype)
+
+    def _output_layer_uses_logits(self):
+        layer = self.output.producer
+        if not getattr(self.loss, "from_logits", False):
+            return False
+        if not hasattr(layer, "pre_activation"):
+            raise ValueError(f"loss {type(self.loss).__name__}(from_logits=True) needs an output layer that keeps "
+                             f"its logits (a Conv2D), got {type(layer).__name__}")
+        return True
+
+    def _loss_and_gradient(self, x, y, sample_weight):
+        if self.loss is None:
+            raise RuntimeError("call model.compile(optimizer, loss) before training or evaluating")
+        x = self._to_model_array(x, "x")
+        y = self._to_model_array(y, "y")
+        if sample_weight is not None:
+            sample_weight = self._to_model_array(sample_weight, "sample_weight")
+        probabilities = self.forward(x)
+        use_logits = self._output_layer_uses_logits()
+        prediction = self.output.producer.pre_activation() if use_logits else probabilities
+        value = self.loss.forward(prediction, y, sample_weight)
+        return value, use_logits
+
+    def train_on_batch(self, x, y, sample_weight=None) -> float:
+        """One step: forward, loss, backward, optimizer update. Returns the loss before the update."""
+        if self.optimizer is None:
+            raise RuntimeError("call model.compile(optimizer, loss) before train_on_batch")
+        value, use_logits = self._loss_and_gradient(x, y, sample_weight)
+        self.backward(self.loss.backward(), from_logits=use_logits)
+        self.optimizer.step(self.params, self.grads)
+        return float(value)
+
+    def test_on_batch(self, x, y, sample_weight=None) -> float:
+        """The loss on a batch, without changing anything."""
+        value, _ = self._loss_and_gradient(x, y, sample_weight)
+        self.clear_cache()
+        return float(value)
+
+    def predict(self, x, batch_size=32):
+        """Output probabilities as a NumPy array, whatever the device; x is NumPy (N, H, W, C)."""
+        if getattr(x, "ndim", None) == 3:
+            raise ValueError(f"predict expects a batch (N, H, W, C), got shape {tuple(x.shape)}; use x[None]")
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            batch = self._to_model_array(x[start:start + batch_size], "x")
+            outputs.append(backend.to_numpy(self.forward(batch)))
+            self.clear_cache()
+        return np.concatenate(outputs, axis=0)
+
+    # ----- summary ------------------------------------------------------------------------
+    def summary(self, print_fn=print, line_length=104):
+        """Print Keras's table: layer (type), output shape, parameter count, what it is connected to."""
+        columns = (40, 22, 12)
+        rule = "_" * line_length
+
+        def row(name, shape, params, connected):
+            return f"{name:<{columns[0]}}{shape:<{columns[1]}}{params:<{columns[2]}}{connected}"
+
+        lines = [f'Model: "{self.name}"', rule, row("Layer (type)", "Output Shape", "Param #", "Connected to"),
+                 "=" * line_length]
+        for i, node in enumerate(self.nodes):
+            shape = "(None, " + ", ".join(map(str, node.output.shape)) + ")"
+            connected = ", ".join(t.producer.name for t in node.inputs) or "-"
+            label = f"{node.layer.name} ({type(node.layer).__name__})"
+            lines.append(row(label, shape, f"{node.layer.count_params():,}", connected))
+            lines.append(rule if i == len(self.nodes) - 1 else "")
+        total = self.count_params()
+        lines += [f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0", rule]
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # ----- saving and loading -------------------------------------------------------------
+    def get_config(self):
+        """The architecture as plain data: every layer's class, config and inputs, in call order."""
+        return {
+            "name": self.name,
+            "format_version": FORMAT_VERSION,
+            "layers": [{"class_name": type(n.layer).__name__, "config": n.layer.get_config(),
+                        "inbound": [t.producer.name for t in n.inputs]} for n in self.nodes],
+        }
+
+    def weights_dict(self):
+        return {f"weights/{layer.name}/{wname}": w for layer in self.layers
+                for wname, w in zip(layer.weight_names, layer.get_weights())}
+
+    def save(self, path, extra=None):
+        """Write weights, architecture and optimizer state to one ``.npz``, atomically.
+
+        The file is written under a temporary name in the same folder and renamed over ``path``
+        only once complete, so an interrupted save never destroys the previous file.
+        ``extra`` is a dict of JSON-able training state (epoch, callbacks, RNG) kept alongside.
+        """
+        arrays = dict(self.weights_dict())
+        arrays["config"] = np.array(json.dumps(self.get_config()))
+        if self.optimizer is not None:
+            state = self.optimizer.get_state()
+            arrays["optimizer_config"] = np.array(json.dumps(self.optimizer.get_config()))
+            for key, value in state.items():
+                arrays[f"optimizer/{key}"] = np.asarray(value)
+        arrays["extra"] = np.array(json.dumps(extra or {}))
+        atomic_savez(path, arrays)
+
+    def load_weights(self, path):
+        """Load the weights of a minitensor ``.npz`` (from ``save``) into this model, checking every shape."""
+        data = read_npz(path)
+        self._assign_weights({k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}, path)
+        return data
+
+    def _assign_weights(self, named, source):
+        """Assign {"layer/weight": array}; all checks happen before anything is changed."""
+        new_weights = []
+        for layer in self.layers:
+            arrays = []
+            for wname, current in zip(layer.weight_names, layer.params):
+                key = f"{layer.name}/{wname}"
+                if key not in named:
+                    raise ModelFileError(f"{source}: no weight {key!r} for layer {layer.name!r} of model "
+                                         f"{self.name!r}; is it a file of another model?")
+                if tuple(named[key].shape) != tuple(current.shape):
+                    raise ModelFileError(f"{source}: weight {key!r} has shape {tuple(named[key].shape)}, layer "
+                                         f"{layer.name!r} of model {self.name!r} needs {tuple(current.shape)}")
+                arrays.append(named[key])
+            new_weights.append(arrays)
+        for layer, arrays in zip(self.layers, new_weights):
+            if arrays:
+                layer.set_weights(arrays)
+
+    def load_keras_weights(self, path):
+        """Load weights saved by Keras (legacy ``.h5`` or Keras 3 ``.weights.h5``), matched by layer name."""
+        from .keras_io import read_keras_weights   # h5py is needed only here
+        self._assign_weights(read_keras_weights(path, self), path)
+
+
+def atomic_savez(path, arrays):
+    """np.savez to a temporary file beside ``path``, then rename: ``path`` is never half-written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_npz(path):
+    """Every array of a minitensor ``.npz``, or a ModelFileError that names the problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable minitensor .npz file (truncated or corrupt?): {exc}") from exc
+
+
+def model_from_config(config):
+    """Rebuild a Model from ``Model.get_config()``."""
+    tensors = {}
+    for entry in config["layers"]:
+        cls = _LAYER_CLASSES.get(entry["class_name"])
+        if cls is None:
+            raise ModelFileError(f"unknown layer class {entry['class_name']!r} in the model file")
+        layer_config = dict(entry["config"])
+        if cls is InputLayer:
+            layer = InputLayer(layer_config.pop("shape"), **layer_config)
+            tensors[layer.name] = SymbolicTensor(layer.input_shape, layer, [], layer.dtype)
+            continue
+        layer = cls(**layer_config)
+        inbound = [tensors[name] for name in entry["inbound"]]
+        tensors[layer.name] = layer(inbound if len(inbound) > 1 else inbound[0])
+    first, last = config["layers"][0]["config"]["name"], config["layers"][-1]["config"]["name"]
+    return Model(tensors[first], tensors[last], name=config["name"])
+
+
+def load_model(path, device="cpu"):
+    """Load a model saved with ``Model.save``: architecture, weights and (if saved) optimizer state.
+
+    Returns the model; the ``extra`` training state saved with it is in ``model.saved_extra``.
+    """
+    data = read_npz(path)
+    if "config" not in data:
+        raise ModelFileError(f"{path}: has no model architecture (was it written by Model.save?)")
+    try:
+        config = json.loads(str(data["config"]))
+        model = model_from_config(config)
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: the model architecture in the file cannot be rebuilt: {exc}") from exc
+    model._assign_weights({k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}, path)
+    if "optimizer_config" in data:
+        optimizer = optimizer_module.Adam(**json.loads(str(data["optimizer_config"])))
+        optimizer.set_state({k[len("optimizer/"):]: v for k, v in data.items() if k.startswith("optimizer/")})
+        model.optimizer = optimizer
+    model.saved_extra = json.loads(str(data["extra"])) if "extra" in data else {}
+    return model.to(device) if device != backend.CPU else model
