@@ -78,12 +78,12 @@ class Model:
         if self.nodes[0].output is not inputs or not isinstance(inputs.producer, InputLayer):
             raise ValueError("the model's output does not depend on its input")
         self.layers = [node.layer for node in self.nodes]
+        if len(set(map(id, self.layers))) != len(self.layers):
+            raise ValueError("a layer object is used twice; minitensor layers keep one forward cache each")
         names = [layer.name for layer in self.layers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"layer names must be unique in a model, repeated: {', '.join(duplicates)}")
-        if len(set(map(id, self.layers))) != len(self.layers):
-            raise ValueError("a layer object is used twice; minitensor layers keep one forward cache each")
         self.dtype = inputs.dtype
         self.device = backend.CPU
         self.optimizer = None
@@ -138,9 +138,7 @@ class Model:
             backend.require_gpu()
         for layer in self.layers:
             layer.to(device)
-        if self.optimizer is not None:
-            self.optimizer.to(device)
-        self.device = device
+        self.device = device   # the optimizer moves its moments to each parameter's device by itself
         return self
 
     # ----- the two passes ---------------------------------------------------------------
@@ -195,8 +193,6 @@ class Model:
     def compile(self, optimizer="adam", loss="binary_crossentropy"):
         self.optimizer = optimizer_module.Adam() if optimizer == "adam" else optimizer
         self.loss = loss_module.get(loss) if isinstance(loss, str) else loss
-        if self.device != backend.CPU:
-            self.optimizer.to(self.device)
         return self
 
     def _to_model_array(self, x, what):
@@ -305,9 +301,7 @@ class Model:
         arrays = dict(self.weights_dict())
         arrays["config"] = np.array(json.dumps(self.get_config()))
         if self.optimizer is not None:
-            state = self.optimizer.get_state()
-            arrays["optimizer_config"] = np.array(json.dumps(self.optimizer.get_config()))
-            for key, value in state.items():
+            for key, value in self.optimizer.get_state().items():
                 arrays[f"optimizer/{key}"] = np.asarray(value)
         arrays["extra"] = np.array(json.dumps(extra or {}))
         atomic_savez(path, arrays)
@@ -408,9 +402,9 @@ def load_model(path, device="cpu"):
     except Exception as exc:
         raise ModelFileError(f"{path}: the model architecture in the file cannot be rebuilt: {exc}") from exc
     model._assign_weights({k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}, path)
-    if "optimizer_config" in data:
-        optimizer = optimizer_module.Adam(**json.loads(str(data["optimizer_config"])))
-        optimizer.set_state({k[len("optimizer/"):]: v for k, v in data.items() if k.startswith("optimizer/")})
-        model.optimizer = optimizer
+    optimizer_state = {k[len("optimizer/"):]: v for k, v in data.items() if k.startswith("optimizer/")}
+    if optimizer_state:
+        model.optimizer = optimizer_module.Adam()
+        model.optimizer.set_state(optimizer_state)
     model.saved_extra = json.loads(str(data["extra"])) if "extra" in data else {}
     return model.to(device) if device != backend.CPU else model
