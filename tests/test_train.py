@@ -1,0 +1,112 @@
+"""train.py end to end at a tiny size: files appear, metrics are computed, interrupt + resume is exact."""
+import json
+
+import numpy as np
+import pytest
+
+import train
+from minitensor import Model
+from minitensor.model import read_npz
+
+TINY = ["--num-images", "24", "--num-val", "4", "--num-test", "4", "--image-size", "32", "--batch-size", "4",
+        "--quiet"]
+
+
+def run(tmp_path, name, *extra, on_batch_end=None, data="shape"):
+    argv = TINY + ["--data", str(tmp_path / data), "--weights-dir", str(tmp_path / name / "UNet_weight"),
+                   "--results-dir", str(tmp_path / name / "UNet_test_result"), *extra]
+    return train.main(argv, on_batch_end=on_batch_end)
+
+
+def weights_of(path):
+    return {k: v for k, v in read_npz(path).items() if k.startswith(("weights/", "optimizer/"))}
+
+
+def test_whole_workflow_writes_dataset_checkpoints_masks_metrics_and_plots(tmp_path, capsys):
+    assert run(tmp_path, "run", "--epochs", "3") == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "shape" / "train_imgs" / "0.jpg").exists()
+    assert (tmp_path / "shape" / "test_mask" / "23.png").exists()
+    results = tmp_path / "run" / "UNet_test_result"
+    assert sorted(p.name for p in results.glob("2?.png")) == ["20.png", "21.png", "22.png", "23.png"]
+    for name in ("metrics.json", "history.csv", "training.png", "predictions.png"):
+        assert (results / name).stat().st_size > 0
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert 0.0 <= metrics["pixel_accuracy"] <= 1.0 and len(metrics["iou"]) == 4
+    history = (results / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss,val_loss,lr") and len(history) == 4
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "UNet_weight").glob("ep*.npz"))
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("ep003-loss")   # period 3: only epoch 3 is looked at
+    assert "Epoch 3/3 - loss" in out and "images/s" in out and "mean IoU" in out
+
+
+@pytest.mark.parametrize("stop_at_batch", [2, 7])   # mid-epoch 1, and mid-epoch 2 (5 batches per epoch)
+def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch):
+    assert run(tmp_path, "straight", "--epochs", "2") == 0
+
+    seen = {"batches": 0}
+
+    def interrupt(trainer):
+        seen["batches"] += 1
+        if seen["batches"] == stop_at_batch:
+            trainer.stop.requested = True          # what the Ctrl-C handler does
+
+    assert run(tmp_path, "split", "--epochs", "2", on_batch_end=interrupt) == 130
+    assert not (tmp_path / "split" / "UNet_test_result").exists()
+    assert run(tmp_path, "split", "--epochs", "2", "--resume") == 0
+
+    straight = weights_of(tmp_path / "straight" / "UNet_weight" / "last.npz")
+    split = weights_of(tmp_path / "split" / "UNet_weight" / "last.npz")
+    assert straight.keys() == split.keys()
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], split[key], err_msg=key)
+    for name in ("history.csv",):
+        a = (tmp_path / "straight" / "UNet_test_result" / name).read_text().splitlines()
+        b = (tmp_path / "split" / "UNet_test_result" / name).read_text().splitlines()
+        assert [row.split(",")[:4] for row in a] == [row.split(",")[:4] for row in b]   # times differ, losses not
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert run(tmp_path, "none", "--epochs", "1", "--resume") == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    assert run(tmp_path, "a", "--epochs", "1") == 0
+    assert run(tmp_path, "a", "--epochs", "2", "--resume", "--loss", "softmax-ce") == 1
+    assert "was written by a run with settings" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    assert run(tmp_path, "nan", "--epochs", "1") == 0
+    checkpoint = tmp_path / "nan" / "UNet_weight" / "last.npz"
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(Model, "train_on_batch", lambda self, x, y, sample_weight=None: float("nan"))
+    assert run(tmp_path, "nan", "--epochs", "2", "--resume") == 1
+    assert "the loss became nan at epoch 2, batch 1" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+
+
+def test_corrupt_dataset_file_is_reported_by_name(tmp_path, capsys):
+    assert run(tmp_path, "gen", "--epochs", "1") == 0
+    (tmp_path / "shape" / "train_imgs" / "5.jpg").write_bytes(b"not a jpeg")
+    assert run(tmp_path, "bad", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "5.jpg" in err and "cannot be used" in err
+
+
+def test_gpu_without_cupy_says_how_to_install(tmp_path, capsys):
+    from minitensor import backend
+
+    if backend.is_gpu_available():
+        pytest.skip("this machine has a GPU")
+    assert run(tmp_path, "gpu", "--epochs", "1", "--device", "gpu") == 2
+    err = capsys.readouterr().err
+    assert "CuPy" in err and "--device cpu" in err
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "0"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "tpu"])
