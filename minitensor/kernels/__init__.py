@@ -1,0 +1,153 @@
+"""The hot kernels of minitensor: im2col/col2im for convolution, max pooling, upsampling.
+
+Each kernel exists three times with one signature (docs/CONTRACTS.md):
+
+- ``reference.py``: plain array code, the one to read first, and the truth the others are tested against;
+- ``cpu.py``: numba, parallel over output rows, for NumPy arrays;
+- ``gpu.py``: CUDA C compiled by CuPy, for CuPy arrays.
+
+The functions here check their arguments and pick the implementation from the arrays'
+device: CuPy -> gpu, NumPy -> cpu. ``use_reference(True)``, the ``reference_kernels()``
+context manager, or the environment variable ``MINITENSOR_KERNELS=reference`` (read at
+import) switch both devices to the reference code, to debug or to compare.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+
+import numpy as np
+
+from minitensor.backend import get_array_module
+from minitensor.kernels import cpu, gpu, reference
+
+__all__ = ["col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels", "upsample_backward",
+           "upsample_forward", "use_reference", "using_reference"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _reference_requested_by_environment() -> bool:
+    choice = os.environ.get("MINITENSOR_KERNELS", "").strip().lower()
+    if choice not in ("", "auto", "reference"):
+        raise ValueError(f"MINITENSOR_KERNELS={choice!r}: expected 'reference', 'auto' or unset")
+    return choice == "reference"
+
+
+_use_reference = _reference_requested_by_environment()
+
+
+def use_reference(flag: bool = True) -> None:
+    """Route every kernel call to ``reference.py`` (True) or to numba / CUDA (False)."""
+    global _use_reference
+    _use_reference = bool(flag)
+
+
+def using_reference() -> bool:
+    """True while kernel calls go to ``reference.py``."""
+    return _use_reference
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """``with reference_kernels(): ...`` runs the block on the reference kernels."""
+    previous = _use_reference
+    use_reference(True)
+    try:
+        yield
+    finally:
+        use_reference(previous)
+
+
+def _implementation(*arrays):
+    """The kernel module for these arrays; get_array_module raises TypeError if devices are mixed."""
+    xp = get_array_module(*arrays)
+    if _use_reference:
+        return reference
+    return cpu if xp is np else gpu
+
+
+def _check_float_array(name, array, ndim):
+    if getattr(array, "ndim", None) != ndim:
+        layout = "(N, H, W, C)" if ndim == 4 else "(rows, columns)"
+        raise ValueError(f"{name} must be a {ndim}-D array {layout}, got {type(array).__name__} "
+                         f"of shape {getattr(array, 'shape', None)}")
+    if array.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {array.dtype}")
+
+
+def _check_ints(minimum, **values):
+    for name, value in values.items():
+        if not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_window(kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    _check_ints(1, kh=kh, kw=kw, sh=sh, sw=sw, out_h=out_h, out_w=out_w)
+    _check_ints(0, pad_top=pad_top, pad_left=pad_left)
+
+
+def _check_x_shape(x_shape):
+    if len(x_shape) != 4:
+        raise ValueError(f"x_shape must be (N, H, W, C), got {x_shape!r}")
+    _check_ints(1, N=x_shape[0], H=x_shape[1], W=x_shape[2], C=x_shape[3])
+    return tuple(int(size) for size in x_shape)
+
+
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Windows of x (N, H, W, C) as rows: cols (N*out_h*out_w, kh*kw*C). See reference.im2col."""
+    _check_float_array("x", x, 4)
+    _check_window(kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    return _implementation(x).im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+
+
+def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """The adjoint of im2col: dx with shape x_shape. See reference.col2im."""
+    _check_float_array("cols", cols, 2)
+    x_shape = _check_x_shape(x_shape)
+    _check_window(kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    n_batch, _, _, channels = x_shape
+    expected = (n_batch * out_h * out_w, kh * kw * channels)
+    if tuple(cols.shape) != expected:
+        raise ValueError(f"cols has shape {tuple(cols.shape)}, but x_shape {x_shape} with a {kh}x{kw} kernel "
+                         f"and a {out_h}x{out_w} output needs {expected}")
+    return _implementation(cols).col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+
+
+def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Max over each ph x pw window: (y, argmax int32), both (N, out_h, out_w, C). See reference."""
+    _check_float_array("x", x, 4)
+    _check_window(ph, pw, sh, sw, pad_top, pad_left, out_h, out_w)
+    return _implementation(x).maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w)
+
+
+def maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left):
+    """dy routed to each window's argmax cell: dx with shape x_shape. See reference."""
+    _check_float_array("dy", dy, 4)
+    x_shape = _check_x_shape(x_shape)
+    n_batch, out_h, out_w, channels = dy.shape
+    _check_window(ph, pw, sh, sw, pad_top, pad_left, out_h, out_w)
+    if getattr(argmax, "dtype", None) != np.int32 or argmax.shape != dy.shape:
+        raise ValueError(f"argmax must be the int32 array of dy's shape {tuple(dy.shape)} that maxpool_forward "
+                         f"returned, got {getattr(argmax, 'dtype', type(argmax).__name__)} "
+                         f"of shape {getattr(argmax, 'shape', None)}")
+    if (x_shape[0], x_shape[3]) != (n_batch, channels):
+        raise ValueError(f"dy {tuple(dy.shape)} and x_shape {x_shape} differ in batch size or channels")
+    return _implementation(dy, argmax).maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left)
+
+
+def upsample_forward(x, sh, sw):
+    """Nearest-neighbour upsampling: y (N, H*sh, W*sw, C). See reference."""
+    _check_float_array("x", x, 4)
+    _check_ints(1, sh=sh, sw=sw)
+    return _implementation(x).upsample_forward(x, sh, sw)
+
+
+def upsample_backward(dy, sh, sw):
+    """Sum of dy over each sh x sw block: dx (N, H, W, C). See reference."""
+    _check_float_array("dy", dy, 4)
+    _check_ints(1, sh=sh, sw=sw)
+    if dy.shape[1] % sh or dy.shape[2] % sw:
+        raise ValueError(f"dy of shape {tuple(dy.shape)} is not made of whole {sh}x{sw} blocks")
+    return _implementation(dy).upsample_backward(dy, sh, sw)

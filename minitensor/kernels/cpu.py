@@ -1,0 +1,219 @@
+"""CPU kernels compiled with numba: the same numbers as ``reference.py``, without temporaries.
+
+Each public function has the signature and semantics of its twin in ``reference.py``
+(see docs/CONTRACTS.md); it allocates the output and calls a jitted kernel that writes it.
+The kernels differ from the reference in three ways, each stated in its docstring:
+
+- the outer loop is a ``prange`` over independent output rows, run on all cores;
+- every output cell is written by exactly one iteration of that loop, so there are no
+  races: the backward kernels *gather* into the cell they own instead of scattering;
+- padding is checked with index tests inside the loop, never by building a padded copy.
+
+They keep the input dtype: a float32 input gives a float32 output (numba compiles one
+version per dtype, cached on disk next to this file by ``cache=True``).
+
+Debugging tip: run with ``NUMBA_DISABLE_JIT=1`` and these kernels run as plain Python
+(``prange`` becomes ``range``), so print() and pdb work inside them, very slowly.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# fastmath=False: no reordering of additions, so sums come out in the reference's order.
+_jit = njit(parallel=True, cache=True, fastmath=False)
+
+
+@njit(cache=True)
+def _split(flat_row, rows_per_image):
+    """(n, row within image n) of a row index over the whole batch.
+
+    Inside a parallel loop numba makes the prange index unsigned, and unsigned // signed is
+    typed as float; casting to a signed int first keeps n and the row integers."""
+    return divmod(np.int64(flat_row), rows_per_image)
+
+
+@njit(cache=True)
+def _output_index(position, offset, stride, pad, out_size):
+    """The output index whose window reads input ``position`` at kernel offset ``offset``,
+    or -1 if none: ``position = o*stride + offset - pad`` must hold for an o in range."""
+    shifted = position + pad - offset
+    if shifted < 0 or shifted % stride != 0:
+        return -1
+    out_index = shifted // stride
+    return out_index if out_index < out_size else -1
+
+
+@_jit
+def _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Parallel over the N*out_h output rows; iteration (n, oh) writes the out_w rows of cols
+    for that output row and nothing else (no races). The inner loop copies C contiguous values.
+    cols arrives zeroed, so window cells in the padding are just skipped."""
+    n_batch, height, width, channels = x.shape
+    for output_row in prange(n_batch * out_h):
+        n, oh = _split(output_row, out_h)
+        for ow in range(out_w):
+            r = output_row * out_w + ow
+            for i in range(kh):
+                h = oh * sh + i - pad_top
+                if not 0 <= h < height:
+                    continue
+                for j in range(kw):
+                    w = ow * sw + j - pad_left
+                    if not 0 <= w < width:
+                        continue
+                    first_column = (i * kw + j) * channels
+                    for c in range(channels):
+                        cols[r, first_column + c] = x[n, h, w, c]
+
+
+@_jit
+def _col2im_kernel(cols, dx, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Parallel over the N*H rows of dx; iteration (n, h) owns row dx[n, h] and *gathers* every
+    cols entry that im2col copied from it. A scatter over the rows of cols would race: with
+    overlapping windows two output rows add into the same dx row. Contributions are added in
+    (i, j) order like the reference."""
+    n_batch, height, width, channels = dx.shape
+    for input_row in prange(n_batch * height):
+        n, h = _split(input_row, height)
+        for i in range(kh):
+            oh = _output_index(h, i, sh, pad_top, out_h)
+            if oh < 0:
+                continue
+            for j in range(kw):
+                first_column = (i * kw + j) * channels
+                for ow in range(out_w):
+                    w = ow * sw + j - pad_left
+                    if not 0 <= w < width:
+                        continue
+                    r = (n * out_h + oh) * out_w + ow
+                    for c in range(channels):
+                        dx[n, h, w, c] += cols[r, first_column + c]
+
+
+@_jit
+def _maxpool_forward_kernel(x, y, argmax, ph, pw, sh, sw, pad_top, pad_left):
+    """Parallel over the N*out_h output rows; iteration (n, oh) owns y[n, oh] and argmax[n, oh].
+    y arrives filled with -inf and argmax with 0; window cells are visited in row-major order
+    and replace the maximum only when strictly greater, so ties go to the first. Cells in the
+    padding are skipped. The inner loop runs over C contiguous channels."""
+    n_batch, height, width, channels = x.shape
+    _, out_h, out_w, _ = y.shape
+    for output_row in prange(n_batch * out_h):
+        n, oh = _split(output_row, out_h)
+        for ow in range(out_w):
+            for i in range(ph):
+                h = oh * sh + i - pad_top
+                if not 0 <= h < height:
+                    continue
+                for j in range(pw):
+                    w = ow * sw + j - pad_left
+                    if not 0 <= w < width:
+                        continue
+                    for c in range(channels):
+                        if x[n, h, w, c] > y[n, oh, ow, c]:
+                            y[n, oh, ow, c] = x[n, h, w, c]
+                            argmax[n, oh, ow, c] = i * pw + j
+
+
+@_jit
+def _maxpool_backward_kernel(dy, argmax, dx, ph, pw, sh, sw, pad_top, pad_left):
+    """Parallel over the N*H rows of dx; iteration (n, h) owns dx[n, h] and gathers dy from every
+    window whose maximum is in that row. Gathering, not scattering, keeps overlapping windows
+    (stride < pool size) race-free. Same loop structure as _col2im_kernel."""
+    n_batch, height, width, channels = dx.shape
+    _, out_h, out_w, _ = dy.shape
+    for input_row in prange(n_batch * height):
+        n, h = _split(input_row, height)
+        for i in range(ph):
+            oh = _output_index(h, i, sh, pad_top, out_h)
+            if oh < 0:
+                continue
+            for j in range(pw):
+                for ow in range(out_w):
+                    w = ow * sw + j - pad_left
+                    if not 0 <= w < width:
+                        continue
+                    for c in range(channels):
+                        if argmax[n, oh, ow, c] == i * pw + j:
+                            dx[n, h, w, c] += dy[n, oh, ow, c]
+
+
+@_jit
+def _upsample_forward_kernel(x, y, sh, sw):
+    """Parallel over the N*H*sh rows of y; each iteration writes its own row (no races)."""
+    n_batch, height, width, channels = x.shape
+    out_h = height * sh
+    for output_row in prange(n_batch * out_h):
+        n, h_out = _split(output_row, out_h)
+        for w_out in range(width * sw):
+            for c in range(channels):
+                y[n, h_out, w_out, c] = x[n, h_out // sh, w_out // sw, c]
+
+
+@_jit
+def _upsample_backward_kernel(dy, dx, sh, sw):
+    """Parallel over the N*H rows of dx; iteration (n, h) sums the sh x sw blocks of dy for its
+    own row, in (i, j) order like the reference."""
+    n_batch, height, width, channels = dx.shape
+    for input_row in prange(n_batch * height):
+        n, h = _split(input_row, height)
+        for i in range(sh):
+            for j in range(sw):
+                for w in range(width):
+                    for c in range(channels):
+                        dx[n, h, w, c] += dy[n, h * sh + i, w * sw + j, c]
+
+
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C)."""
+    x = np.ascontiguousarray(x)
+    n_batch, _, _, channels = x.shape
+    cols = np.zeros((n_batch * out_h * out_w, kh * kw * channels), dtype=x.dtype)
+    _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    return cols
+
+
+def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Numba twin of ``reference.col2im``: dx with shape x_shape."""
+    cols = np.ascontiguousarray(cols)
+    dx = np.zeros(x_shape, dtype=cols.dtype)
+    _col2im_kernel(cols, dx, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    return dx
+
+
+def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Numba twin of ``reference.maxpool_forward``: (y, argmax int32), both (N, out_h, out_w, C)."""
+    x = np.ascontiguousarray(x)
+    n_batch, _, _, channels = x.shape
+    y = np.full((n_batch, out_h, out_w, channels), -np.inf, dtype=x.dtype)
+    argmax = np.zeros((n_batch, out_h, out_w, channels), dtype=np.int32)
+    _maxpool_forward_kernel(x, y, argmax, ph, pw, sh, sw, pad_top, pad_left)
+    return y, argmax
+
+
+def maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left):
+    """Numba twin of ``reference.maxpool_backward``: dx with shape x_shape."""
+    dy = np.ascontiguousarray(dy)
+    argmax = np.ascontiguousarray(argmax)
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    _maxpool_backward_kernel(dy, argmax, dx, ph, pw, sh, sw, pad_top, pad_left)
+    return dx
+
+
+def upsample_forward(x, sh, sw):
+    """Numba twin of ``reference.upsample_forward``: y (N, H*sh, W*sw, C)."""
+    x = np.ascontiguousarray(x)
+    n_batch, height, width, channels = x.shape
+    y = np.empty((n_batch, height * sh, width * sw, channels), dtype=x.dtype)
+    _upsample_forward_kernel(x, y, sh, sw)
+    return y
+
+
+def upsample_backward(dy, sh, sw):
+    """Numba twin of ``reference.upsample_backward``: dx (N, H, W, C)."""
+    dy = np.ascontiguousarray(dy)
+    n_batch, out_h, out_w, channels = dy.shape
+    dx = np.zeros((n_batch, out_h // sh, out_w // sw, channels), dtype=dy.dtype)
+    _upsample_backward_kernel(dy, dx, sh, sw)
+    return dx

@@ -1,0 +1,197 @@
+"""Reference kernels: plain array code that is obviously correct, to read and to test against.
+
+Convolution and pooling both look at small windows of the input. This module shows the
+one trick behind fast convolution, *im2col*, in its simplest form; ``cpu.py`` (numba) and
+``gpu.py`` (CUDA) compute exactly the same numbers faster and are tested against this file.
+
+Layout (Keras): data is NHWC, (batch, height, width, channels); conv kernels are HWIO,
+(KH, KW, C, OC). A window of a KH x KW kernel with strides (SH, SW) and zero padding
+``pad_top`` / ``pad_left`` at output position (oh, ow) covers input rows
+``oh*SH - pad_top + i`` for i in 0..KH-1 and columns ``ow*SW - pad_left + j`` for j in 0..KW-1.
+Padding at the bottom and right is implied by ``out_h`` / ``out_w``: whatever the last
+window needs beyond the input is zero (for pooling: ignored).
+
+The loops here run over the KH*KW kernel offsets (i, j), never over pixels: for a fixed
+offset, the input pixels read by all output positions form one strided slice, so each
+offset is a single array operation. Every function takes NumPy or CuPy arrays alike.
+
+Argument names follow the rest of minitensor: kh, kw kernel (or pool) size, sh, sw
+strides, pad_top, pad_left padding before the input, out_h, out_w output size.
+"""
+from __future__ import annotations
+
+from minitensor.backend import get_array_module
+
+
+def _window_extent(out_size: int, kernel_size: int, stride: int) -> int:
+    """How many (padded) input rows the windows of ``out_size`` outputs span together."""
+    return (out_size - 1) * stride + kernel_size
+
+
+def _offset_slice(offset: int, stride: int, out_size: int) -> slice:
+    """The padded input rows that kernel row ``offset`` reads, one per output row.
+
+    Output row o reads padded row ``o*stride + offset``, so over o = 0..out_size-1 that is
+    the slice ``offset, offset + stride, ...``: one strided view instead of a loop over o.
+    """
+    return slice(offset, offset + (out_size - 1) * stride + 1, stride)
+
+
+def _padded_shape(x_shape, pad_top, pad_left, rows, cols):
+    """Shape of a buffer that holds x at (pad_top, pad_left) and windows spanning rows x cols.
+
+    When a stride skips the last input rows (``pad_top + H > rows``) the buffer keeps them;
+    they are simply never read.
+    """
+    n_batch, height, width, channels = x_shape
+    return (n_batch, max(pad_top + height, rows), max(pad_left + width, cols), channels)
+
+
+def _pad(x, pad_top, pad_left, rows, cols, fill):
+    """x surrounded by ``fill`` so that every window lies inside the result."""
+    _, height, width, _ = x.shape
+    xp = get_array_module(x)
+    padded = xp.full(_padded_shape(x.shape, pad_top, pad_left, rows, cols), fill, dtype=x.dtype)
+    padded[:, pad_top:pad_top + height, pad_left:pad_left + width, :] = x
+    return padded
+
+
+def _crop(padded, x_shape, pad_top, pad_left):
+    """The part of a padded array where x lives, as a C-contiguous array."""
+    _, height, width, _ = x_shape
+    xp = get_array_module(padded)
+    return xp.ascontiguousarray(padded[:, pad_top:pad_top + height, pad_left:pad_left + width, :])
+
+
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Copy every kh x kw window of x into one row of a matrix, so convolution becomes one GEMM.
+
+    x: (N, H, W, C). Returns cols: (N*out_h*out_w, kh*kw*C) where
+
+    - row ``r = (n*out_h + oh)*out_w + ow`` is the window of output pixel (n, oh, ow): rows are
+      in NHWC order of the *output*, so ``cols @ w_mat`` of shape (N*out_h*out_w, OC) is already
+      the output y (N, out_h, out_w, OC) after a free reshape;
+    - column ``q = (i*kw + j)*C + c`` is kernel offset (i, j), channel c: the same row-major
+      (i, j, c) order as an HWIO kernel (KH, KW, C, OC) flattened to ``w_mat`` (KH*KW*C, OC).
+      So the columns of cols meet the rows of ``w_mat`` one to one and the product needs no
+      transpose of either operand: ``y = (cols @ w.reshape(-1, OC)).reshape(N, OH, OW, OC)``.
+
+    cols[r, q] = x[n, oh*sh + i - pad_top, ow*sw + j - pad_left, c], or 0 outside x.
+
+    Cost: each input pixel is copied about kh*kw/(sh*sw) times; that memory is the price of
+    turning a convolution into a matrix product, which BLAS/cuBLAS compute near peak speed.
+    """
+    n_batch, _, _, channels = x.shape
+    xp = get_array_module(x)
+    x_pad = _pad(x, pad_top, pad_left, _window_extent(out_h, kh, sh), _window_extent(out_w, kw, sw), fill=0)
+    # Axes (n, oh, ow, i, j, c): flattening the first three gives r, the last three gives q.
+    cols = xp.empty((n_batch, out_h, out_w, kh, kw, channels), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = x_pad[:, _offset_slice(i, sh, out_h), _offset_slice(j, sw, out_w), :]
+    return cols.reshape(n_batch * out_h * out_w, kh * kw * channels)
+
+
+def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """The adjoint of im2col: add every entry of cols back onto the input pixel it came from.
+
+    im2col is linear, x -> A x, and copies some pixels into several rows (windows overlap
+    when the stride is smaller than the kernel). Its adjoint (transpose) A^T therefore *adds*
+    every copy back: dx[n, h, w, c] = sum of cols[r, q] over all (r, q) that im2col filled from
+    (n, h, w, c). That is exactly the chain rule for a value used several times (gradients add),
+    so conv backward is ``dx = col2im(dy_mat @ w_mat.T)``. The defining identity, tested, is
+    ``<im2col(x), cols> == <x, col2im(cols)>``. Entries that im2col took from the zero padding
+    have no source pixel and are dropped.
+
+    cols: (N*out_h*out_w, kh*kw*C) laid out as in im2col. Returns dx with shape x_shape.
+    """
+    n_batch, _, _, channels = x_shape
+    xp = get_array_module(cols)
+    dx_pad = xp.zeros(_padded_shape(x_shape, pad_top, pad_left, _window_extent(out_h, kh, sh),
+                                    _window_extent(out_w, kw, sw)), dtype=cols.dtype)
+    windows = cols.reshape(n_batch, out_h, out_w, kh, kw, channels)
+    for i in range(kh):
+        for j in range(kw):
+            # One offset never hits a pixel twice (the slice has distinct rows and columns),
+            # so this += is safe; different offsets hitting the same pixel add up in turn.
+            dx_pad[:, _offset_slice(i, sh, out_h), _offset_slice(j, sw, out_w), :] += windows[:, :, :, i, j, :]
+    return _crop(dx_pad, x_shape, pad_top, pad_left)
+
+
+def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
+    """Max over each ph x pw window of x, and where in the window that maximum is.
+
+    x: (N, H, W, C). Returns (y, argmax), both (N, out_h, out_w, C); argmax is int32 and holds
+    the window offset ``i*pw + j`` of the maximum, so the backward pass needs no search.
+
+    Window cells outside x (padding) are ignored: the padding is -inf, which never wins.
+
+    Ties: the *first* maximum in row-major window order wins (smallest i*pw + j), because a
+    later cell replaces the running maximum only if it is strictly greater. The gradient of a
+    tied window then goes entirely to that one cell, as TensorFlow does; splitting it between
+    the tied cells would be just as valid a subgradient, but would not match Keras.
+    """
+    xp = get_array_module(x)
+    x_pad = _pad(x, pad_top, pad_left, _window_extent(out_h, ph, sh), _window_extent(out_w, pw, sw),
+                 fill=float("-inf"))
+    n_batch, _, _, channels = x.shape
+    y = xp.full((n_batch, out_h, out_w, channels), float("-inf"), dtype=x.dtype)
+    argmax = xp.zeros((n_batch, out_h, out_w, channels), dtype=xp.int32)
+    for i in range(ph):          # row-major window order: this is what makes ties go to the first
+        for j in range(pw):
+            cell = x_pad[:, _offset_slice(i, sh, out_h), _offset_slice(j, sw, out_w), :]
+            better = cell > y    # strictly greater: an equal later cell does not take over
+            y[better] = cell[better]
+            argmax[better] = i * pw + j
+    return y, argmax
+
+
+def maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left):
+    """Route each window's gradient to the cell that was its maximum.
+
+    y = max of a window depends on the winning cell only (with slope 1), so dy of the window
+    goes to that cell and nothing to the others. When windows overlap (stride < pool size) one
+    input cell can win several windows: its gradients add, as for any value used twice.
+
+    dy, argmax: (N, out_h, out_w, C) from maxpool_forward. Returns dx with shape x_shape.
+    """
+    _, out_h, out_w, _ = dy.shape
+    xp = get_array_module(dy)
+    dx_pad = xp.zeros(_padded_shape(x_shape, pad_top, pad_left, _window_extent(out_h, ph, sh),
+                                    _window_extent(out_w, pw, sw)), dtype=dy.dtype)
+    zero = xp.zeros((), dtype=dy.dtype)
+    for i in range(ph):
+        for j in range(pw):
+            routed = xp.where(argmax == i * pw + j, dy, zero)
+            dx_pad[:, _offset_slice(i, sh, out_h), _offset_slice(j, sw, out_w), :] += routed
+    return _crop(dx_pad, x_shape, pad_top, pad_left)
+
+
+def upsample_forward(x, sh, sw):
+    """Nearest-neighbour upsampling: repeat each pixel sh times down and sw times across.
+
+    x: (N, H, W, C). Returns y: (N, H*sh, W*sw, C) with y[n, h, w, c] = x[n, h//sh, w//sw, c].
+    For offset (i, j) inside a block, the rows i, i+sh, ... of y are a full copy of x.
+    """
+    n_batch, height, width, channels = x.shape
+    xp = get_array_module(x)
+    y = xp.empty((n_batch, height * sh, width * sw, channels), dtype=x.dtype)
+    for i in range(sh):
+        for j in range(sw):
+            y[:, i::sh, j::sw, :] = x
+    return y
+
+
+def upsample_backward(dy, sh, sw):
+    """The adjoint of upsample_forward: each x pixel was copied into an sh x sw block, so its
+    gradient is the sum of dy over that block.
+
+    dy: (N, H*sh, W*sw, C). Returns dx: (N, H, W, C).
+    """
+    n_batch, out_h, out_w, channels = dy.shape
+    xp = get_array_module(dy)
+    dx = xp.zeros((n_batch, out_h // sh, out_w // sw, channels), dtype=dy.dtype)
+    for i in range(sh):
+        for j in range(sw):
+            dx += dy[:, i::sh, j::sw, :]
+    return dx
