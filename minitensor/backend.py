@@ -136,3 +136,32 @@ def resolve_device(name: str) -> str:
     if device == GPU:
         require_gpu()
     return device
+
+
+_scratch_buffers: dict = {}   # dtype -> one flat NumPy buffer, grown to the largest request
+
+
+def scratch_array(shape, dtype, like):
+    """Uninitialised memory for a temporary that is dead before the next request (im2col's columns).
+
+    On the CPU one buffer per dtype is kept and reused: allocating hundreds of megabytes
+    afresh for every convolution makes the operating system hand over and zero new pages
+    each time, which costs as much as the copy itself. The returned array aliases that
+    buffer, so it is only valid until the next ``scratch_array`` call. On the GPU CuPy's
+    memory pool already reuses blocks, so a plain ``empty`` is the same thing.
+    """
+    xp = get_array_module(like)
+    dtype = np.dtype(dtype)
+    if xp is not np:
+        return xp.empty(shape, dtype=dtype)
+    size = int(np.prod(shape))
+    buffer = _scratch_buffers.get(dtype)
+    if buffer is None or buffer.size < size:
+        _scratch_buffers[dtype] = None        # let the old buffer go before taking a bigger one
+        buffer = _scratch_buffers[dtype] = np.empty(size, dtype=dtype)
+    return buffer[:size].reshape(shape)
+
+
+def release_scratch():
+    """Free the CPU scratch buffers (they are taken again when next needed)."""
+    _scratch_buffers.clear()

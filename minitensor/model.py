@@ -156,19 +156,24 @@ class Model:
                     del values[id(tensor)]   # the layers keep what their backward needs
         return values[id(self.output)]
 
-    def backward(self, dy, from_logits=False):
+    def backward(self, dy, from_logits=False, input_grad=True):
         """Run the layers' backward passes in reverse order; returns dL/d(input).
 
         ``from_logits=True`` means dy is the gradient with respect to the output layer's logits
         (its pre-softmax values), so that layer skips its activation's backward.
+        ``input_grad=False`` (training) lets the first layer skip dL/d(input); None is returned.
         """
         grads = {id(self.output): dy}
         for node in reversed(self.nodes[1:]):
             dout = grads.pop(id(node.output))
+            options = {}
             if node.output is self.output and from_logits:
-                dinputs = node.layer.backward(dout, from_logits=True)
-            else:
-                dinputs = node.layer.backward(dout)
+                options["from_logits"] = True
+            if not input_grad and node.layer.can_skip_input_grad and node.inputs == [self.input]:
+                options["input_grad"] = False
+            dinputs = node.layer.backward(dout, **options)
+            if dinputs is None:
+                continue
             if len(node.inputs) == 1:
                 dinputs = [dinputs]
             for tensor, grad in zip(node.inputs, dinputs):
@@ -176,7 +181,7 @@ class Model:
                     grads[id(tensor)] = grads[id(tensor)] + grad   # a tensor read twice: gradients add
                 else:
                     grads[id(tensor)] = grad
-        return grads[id(self.input)]
+        return grads.get(id(self.input))
 
     def _reader_counts(self):
         counts = {}
@@ -232,7 +237,7 @@ class Model:
         if self.optimizer is None:
             raise RuntimeError("call model.compile(optimizer, loss) before train_on_batch")
         value, use_logits = self._loss_and_gradient(x, y, sample_weight)
-        self.backward(self.loss.backward(), from_logits=use_logits)
+        self.backward(self.loss.backward(), from_logits=use_logits, input_grad=False)
         self.optimizer.step(self.params, self.grads)
         return float(value)
 

@@ -251,3 +251,16 @@ def test_original_unet_gpu_matches_cpu():
     np.testing.assert_allclose(mt.to_numpy(dx_gpu), dx, rtol=1e-8, atol=1e-12)
     for a, b in zip(cpu.grads, gpu.grads):
         np.testing.assert_allclose(mt.to_numpy(b), a, rtol=1e-8, atol=1e-12)
+
+
+def test_training_skips_the_input_gradient_but_not_the_weight_gradients():
+    model = skip_model()
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal((2, 10, 10, 2)), rng.standard_normal((2, 8, 8, 3))
+    model.forward(x)
+    assert model.backward(dout).shape == x.shape
+    full = [g.copy() for g in model.grads]
+    model.forward(x)
+    assert model.backward(dout, input_grad=False) is None
+    for a, b in zip(full, model.grads):
+        np.testing.assert_array_equal(a, b)

@@ -95,11 +95,22 @@ def _check_x_shape(x_shape):
     return tuple(int(size) for size in x_shape)
 
 
-def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
-    """Windows of x (N, H, W, C) as rows: cols (N*out_h*out_w, kh*kw*C). See reference.im2col."""
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
+    """Windows of x (N, H, W, C) as rows: cols (N*out_h*out_w, kh*kw*C). See reference.im2col.
+
+    ``out``, if given, is a C-contiguous array of that shape and x's dtype and device that
+    receives the result (Conv2D passes reused scratch memory, see backend.scratch_array);
+    every element is overwritten, so it may hold anything.
+    """
     _check_float_array("x", x, 4)
     _check_window(kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
-    return _implementation(x).im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    if out is not None:
+        expected = (x.shape[0] * out_h * out_w, kh * kw * x.shape[3])
+        if tuple(out.shape) != expected or out.dtype != x.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {expected}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        get_array_module(x, out)   # same device, or a clear error
+    return _implementation(x).im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=out)
 
 
 def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):

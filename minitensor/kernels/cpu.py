@@ -48,7 +48,8 @@ def _output_index(position, offset, stride, pad, out_size):
 def _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     """Parallel over the N*out_h output rows; iteration (n, oh) writes the out_w rows of cols
     for that output row and nothing else (no races). The inner loop copies C contiguous values.
-    cols arrives zeroed, so window cells in the padding are just skipped."""
+    Every cell of cols is written, zeros for window cells in the padding, so cols can be
+    uninitialised (reused) memory: no separate pass to zero 9x the input's size."""
     n_batch, height, width, channels = x.shape
     for output_row in prange(n_batch * out_h):
         n, oh = _split(output_row, out_h)
@@ -56,15 +57,15 @@ def _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
             r = output_row * out_w + ow
             for i in range(kh):
                 h = oh * sh + i - pad_top
-                if not 0 <= h < height:
-                    continue
                 for j in range(kw):
                     w = ow * sw + j - pad_left
-                    if not 0 <= w < width:
-                        continue
                     first_column = (i * kw + j) * channels
-                    for c in range(channels):
-                        cols[r, first_column + c] = x[n, h, w, c]
+                    if 0 <= h < height and 0 <= w < width:
+                        for c in range(channels):
+                            cols[r, first_column + c] = x[n, h, w, c]
+                    else:
+                        for c in range(channels):
+                            cols[r, first_column + c] = 0
 
 
 @_jit
@@ -165,11 +166,12 @@ def _upsample_backward_kernel(dy, dx, sh, sw):
                         dx[n, h, w, c] += dy[n, h * sh + i, w * sw + j, c]
 
 
-def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
-    """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C)."""
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
+    """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C), written into ``out`` if given."""
     x = np.ascontiguousarray(x)
     n_batch, _, _, channels = x.shape
-    cols = np.zeros((n_batch * out_h * out_w, kh * kw * channels), dtype=x.dtype)
+    shape = (n_batch * out_h * out_w, kh * kw * channels)
+    cols = np.empty(shape, dtype=x.dtype) if out is None else out
     _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
     return cols
 

@@ -248,13 +248,14 @@ def _check_pixels(*shapes):
                              f"32-bit pixel index allows ({_MAX_INT32}); use a smaller batch")
 
 
-def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
-    """CUDA twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C)."""
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
+    """CUDA twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C), written into ``out`` if given."""
     cupy = cupy_module()
     x = cupy.ascontiguousarray(x)
     n_batch, height, width, channels = x.shape
     _check_pixels(x.shape, (n_batch, out_h, out_w, kh * kw * channels))
-    cols = cupy.empty((n_batch * out_h * out_w, kh * kw * channels), dtype=x.dtype)
+    shape = (n_batch * out_h * out_w, kh * kw * channels)
+    cols = cupy.empty(shape, dtype=x.dtype) if out is None else out
     _launch("im2col", x.dtype, cols.size, (x, cols),
             (n_batch, height, width, channels, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w))
     return cols

@@ -63,7 +63,7 @@ def _crop(padded, x_shape, pad_top, pad_left):
     return xp.ascontiguousarray(padded[:, pad_top:pad_top + height, pad_left:pad_left + width, :])
 
 
-def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
+def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     """Copy every kh x kw window of x into one row of a matrix, so convolution becomes one GEMM.
 
     x: (N, H, W, C). Returns cols: (N*out_h*out_w, kh*kw*C) where
@@ -89,7 +89,11 @@ def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     for i in range(kh):
         for j in range(kw):
             cols[:, :, :, i, j, :] = x_pad[:, _offset_slice(i, sh, out_h), _offset_slice(j, sw, out_w), :]
-    return cols.reshape(n_batch * out_h * out_w, kh * kw * channels)
+    cols = cols.reshape(n_batch * out_h * out_w, kh * kw * channels)
+    if out is not None:   # the fast twins write straight into reused memory; here a copy keeps it plain
+        out[...] = cols
+        return out
+    return cols
 
 
 def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):

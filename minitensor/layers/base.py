@@ -120,6 +120,8 @@ class Layer:
 
     #: names of the weights in get_weights() order, as Keras and .h5 files call them
     weight_names: tuple[str, ...] = ()
+    #: True if backward(dy, input_grad=False) can skip computing dx (saves work for the first layer)
+    can_skip_input_grad = False
 
     def __init__(self, name=None, dtype="float32"):
         self.name = name or _auto_name(type(self).__name__)

@@ -36,7 +36,8 @@ Backward, given dy = dL/dy
     layers this is a third faster. Strided convolutions keep the col2im form.
 
 We keep x, not X_col, for backward and rebuild X_col there: X_col is KH*KW (9x) larger than x,
-and for the 572x572 U-Net storing them all would take many gigabytes.
+and for the 572x572 U-Net storing them all would take many gigabytes. X_col lives only for one
+GEMM, so every layer builds it in the same reused scratch memory (backend.scratch_array).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class Conv2D(Layer):
     """
 
     weight_names = ("kernel", "bias")
+    can_skip_input_grad = True
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True,
                  name=None, dtype="float32", seed=None):
@@ -121,7 +123,9 @@ class Conv2D(Layer):
         if (kernel_h, kernel_w, stride_h, stride_w) == (1, 1, 1, 1):
             # A 1x1 conv is already a matrix product: each pixel is its own patch.
             return x.reshape(-1, x.shape[-1])
-        return kernels.im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w)
+        scratch = backend.scratch_array((x.shape[0] * out_h * out_w, kernel_h * kernel_w * x.shape[3]), x.dtype, x)
+        return kernels.im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w,
+                              out=scratch)
 
     def forward(self, x):
         """x (N, H, W, C) -> y (N, OH, OW, OC)."""
@@ -136,16 +140,21 @@ class Conv2D(Layer):
         if self.use_bias:
             z += self.params[1]
         z = z.reshape(x.shape[0], out_h, out_w, self.filters)
-        y = activation_forward(self.activation, z)
+        if self.activation == "relu":
+            y = backend.get_array_module(z).maximum(z, 0, out=z)   # z is ours: no second array
+        else:
+            y = activation_forward(self.activation, z)
         # Softmax's logits are kept for losses that take logits (pre_activation); ReLU needs only y.
         self._cache = (x, y, z if self.activation == "softmax" else None, geometry)
         return y
 
-    def backward(self, dy, from_logits=False):
+    def backward(self, dy, from_logits=False, input_grad=True):
         """dy (N, OH, OW, OC) -> dx (N, H, W, C); fills self.grads = [dW, db].
 
         With ``from_logits=True``, dy is the gradient with respect to the pre-activation output Z
         (the logits) and the activation's backward is skipped: see Model.train_on_batch.
+        With ``input_grad=False`` dx is not computed (None is returned): nobody needs the
+        gradient of the images fed to the first layer, and it costs as much as dW.
         """
         x, y, _, geometry = self._pop_cache()
         xp = backend.get_array_module(x, dy)
@@ -158,6 +167,8 @@ class Conv2D(Layer):
             # A GEMV with a ones vector: much faster than dz.sum(axis=0) on a tall matrix (CuPy).
             self.grads[1] = xp.ones(dz.shape[0], dtype=dz.dtype) @ dz
         del cols   # free the largest buffer before building the next one
+        if not input_grad:
+            return None
         if self.strides == (1, 1) and self.kernel_size != (1, 1):
             return self._backward_data_by_flipped_kernel(dz, x.shape, geometry)
         dcols = dz @ kernel.reshape(-1, self.filters).T
@@ -170,8 +181,10 @@ class Conv2D(Layer):
         in_channels = x_shape[-1]
         xp = backend.get_array_module(dz)
         flipped = xp.ascontiguousarray(self.params[0][::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, in_channels)
+        scratch = backend.scratch_array((int(np.prod(x_shape[:3])), kernel_h * kernel_w * self.filters), dz.dtype, dz)
         dz_cols = kernels.im2col(dz.reshape(x_shape[0], out_h, out_w, self.filters), kernel_h, kernel_w, 1, 1,
-                                 kernel_h - 1 - pad_top, kernel_w - 1 - pad_left, x_shape[1], x_shape[2])
+                                 kernel_h - 1 - pad_top, kernel_w - 1 - pad_left, x_shape[1], x_shape[2],
+                                 out=scratch)
         return (dz_cols @ flipped).reshape(x_shape)
 
     def _col2im(self, dcols, x_shape, geometry):
