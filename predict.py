@@ -1,0 +1,154 @@
+"""Segment images of any size with a saved model, by the U-Net paper's overlap-tile strategy.
+
+    python predict.py UNet_weight/last.npz shape/test_imgs --out predictions
+    python predict.py model.npz photo.png --out predictions --device gpu --batch-size 8
+
+For every image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) in INPUT (a folder or one file), writes
+OUT/<name>.png: the predicted classes as a colored mask of the image's own size, in the seed's
+colors (unet.data.PALETTE; more classes get more colors, see ``extended_palette``). The image is
+cut into tiles of the model's input size, mirrored at its border for the missing context, and the
+tiles' outputs are stitched (unet/tiling.py). Images are read as in training: 8-bit, OpenCV's BGR
+order, scaled to [-1, 1].
+
+Exit status: 0 if every image was segmented, 1 if some could not be (each is named on stderr,
+the others are still written), 2 if nothing could start (no model file, no input).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import cv2 as cv
+import numpy as np
+
+import minitensor
+from minitensor import backend
+from unet.data import PALETTE, colorize_mask
+from unet.tiling import predict_tiled, tile_geometry
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class PredictError(RuntimeError):
+    """An input that cannot be segmented; the message names the file and the reason."""
+
+
+def voc_color(index):
+    """The PASCAL VOC color map's color of ``index`` (RGB): its bits spread over the high bits of
+    r, g and b, so consecutive indices get clearly different colors."""
+    r = g = b = 0
+    for bit in range(7, -1, -1):
+        r |= (index & 1) << bit
+        g |= ((index >> 1) & 1) << bit
+        b |= ((index >> 2) & 1) << bit
+        index >>= 3
+    return r, g, b
+
+
+def extended_palette(num_classes, palette=PALETTE):
+    """``palette`` (BGR) grown to ``num_classes`` distinct colors with the VOC color map's colors
+    (the seed's 21 classes are VOC's) that it does not already hold; deterministic."""
+    colors = [list(color) for color in palette[:num_classes]]
+    index = 0
+    while len(colors) < num_classes:
+        r, g, b = voc_color(index)
+        if [b, g, r] not in colors:
+            colors.append([b, g, r])
+        index += 1
+    return colors
+
+
+def list_images(path):
+    """The image files to segment: ``path`` itself, or the images in the folder ``path``, sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise PredictError(f"{path}: no such file or folder")
+    images = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+    if not images:
+        raise PredictError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return images
+
+
+def read_image(path, channels):
+    """An 8-bit image file as float32 (H, W, channels) in [-1, 1], or a PredictError saying why not."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as error:
+        raise PredictError(f"{path}: cannot read ({error.strerror})") from None
+    image = cv.imdecode(data, cv.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise PredictError(f"{path}: not an image OpenCV can decode (corrupt or wrong format)")
+    if image.dtype != np.uint8:
+        raise PredictError(f"{path}: {image.dtype} pixels; the model was trained on 8-bit images")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] != channels:
+        raise PredictError(f"{path}: {image.shape[2]} channel(s), but the model takes {channels} "
+                           f"({'BGR' if channels == 3 else 'gray' if channels == 1 else 'channels'}); convert it first")
+    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def output_paths(images, out_dir):
+    """OUT/<name>.png for each input; two inputs with the same name (a.jpg, a.png) are refused."""
+    outputs = [os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
+    if len(set(outputs)) != len(outputs):
+        raise PredictError("two inputs differ only in their extension and would write the same mask; "
+                           "segment them separately")
+    return outputs
+
+
+def segment(model, image_path, out_path, palette, batch_size=4, overlap=None):
+    """Predict one image file and write its colored mask; returns the mask's (H, W)."""
+    image = read_image(image_path, model.input_shape[-1])
+    labels = predict_tiled(model, image, batch_size, overlap).argmax(axis=-1)
+    if not cv.imwrite(out_path, colorize_mask(labels, palette)):
+        raise PredictError(f"{out_path}: OpenCV could not write it")
+    return labels.shape
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Segment images of any size with a saved minitensor model (overlap-tile prediction).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", help="a model saved with Model.save (e.g. UNet_weight/last.npz)")
+    parser.add_argument("input", help="an image file, or a folder of images")
+    parser.add_argument("--out", required=True, help="folder for the colored masks (created if needed)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="output pixels discarded on each side of a tile (default: 0 for 'valid' "
+                             "models, an eighth of the tile for 'same' ones)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = backend.resolve_device(args.device)
+        model = minitensor.load_model(args.model, device)
+        tile_geometry(model, args.overlap)   # a bad --overlap fails here, not once per image
+        images = list_images(args.input)
+        outputs = output_paths(images, args.out)
+    except (PredictError, minitensor.ModelFileError, RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    palette = extended_palette(model.output_shape[-1])
+    failures = 0
+    for image_path, out_path in zip(images, outputs):
+        try:
+            height, width = segment(model, image_path, out_path, palette, args.batch_size, args.overlap)
+        except PredictError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"{image_path} -> {out_path} ({height}x{width})")
+    print(f"segmented {len(images) - failures} of {len(images)} images on {device}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The U-Net paper's weight map: balance the classes, and make the gaps between objects count.
+
+Ronneberger et al. (2015) segment touching cells. A network trained with plain cross-entropy
+happily paints two touching cells as one blob: the few background pixels between them are a
+tiny fraction of the loss. So each pixel x gets a weight (the paper's equation 2)
+
+    w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))        w0 = 10, sigma = 5 px
+
+with d1 and d2 the distances to the nearest and the second-nearest object. In a narrow gap
+between two objects d1 + d2 is small and the weight approaches w_c + w0; a few sigma away from
+any gap it is just w_c. The loss is the existing weighted cross-entropy: pass the map as
+``sample_weight`` (minitensor's losses take one weight per pixel, (N, H, W)).
+
+Our choices, where the paper leaves them open:
+
+* ``w_c`` balances class frequencies *in this mask* (the paper's "weight map to balance the class
+  frequencies"): w_c(c) = P / (K_present * count(c)) for the K_present classes that occur among
+  the P pixels. The mean of w_c over the image is then exactly 1, so the loss keeps the scale of
+  the unweighted loss. Pass ``class_weights`` (one per class) to use fixed weights instead, e.g.
+  frequencies counted over the whole training set.
+* An *object* is a connected region (8-connectivity) of one foreground class. The paper has one
+  foreground class, cells, whose instances its labels keep apart; we have several classes, and
+  a circle touching a square is still two objects. (Two touching shapes of the *same* class
+  merge into one object: without instance labels nothing can tell them apart.)
+* Distances are exact Euclidean distances between pixel centres (cv2.distanceTransform with
+  DIST_MASK_PRECISE), computed once per object on the complement of that object.
+* The border term is added to *background* pixels only. Inside an object d1 = 0, and the term
+  would mostly weight the object's own rim; the paper's figure 3d shows the weight in the gaps.
+* With fewer than two objects there is no gap, and the border term is 0.
+
+Weight maps depend only on the mask, so they are computed once and cached beside it:
+``ROOT/train_mask/7.png`` -> ``ROOT/train_weight/7.npz`` (see ``cached_weight_map``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import cv2 as cv
+import numpy as np
+
+from minitensor.model import atomic_savez
+
+from .data import NUM_CLASSES, load_mask
+
+W0 = 10.0
+SIGMA = 5.0
+CACHE_FORMAT = 1   # bump when the computation changes, to invalidate every cached map
+
+
+def class_balance_weights(mask, num_classes=NUM_CLASSES):
+    """w_c per class (num_classes,), float64: P / (K_present * count(c)), 0 for absent classes.
+
+    Normalised so that the mean over the mask's pixels of w_c[mask] is exactly 1.
+    """
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=num_classes)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def object_labels(mask):
+    """Number the objects of a class-index mask (H, W): each connected region (8-connectivity) of
+    one foreground class. Returns ``(labels, count)``: int32 (H, W), 0 on the background."""
+    labels = np.zeros(mask.shape, np.int32)
+    count = 0
+    for class_index in np.unique(mask):
+        if class_index == 0:
+            continue
+        num, components = cv.connectedComponents((mask == class_index).astype(np.uint8), connectivity=8)
+        inside = components > 0
+        labels[inside] = components[inside] + count
+        count += num - 1
+    return labels, count
+
+
+def two_nearest_distances(labels, count):
+    """d1, d2 (H, W) float32: per pixel, the distances to the nearest and second-nearest object.
+
+    One distance transform per object (distance of every pixel to that object's pixels), kept as
+    a running pair of minima, so memory stays two maps whatever the number of objects.
+    """
+    d1 = np.full(labels.shape, np.inf, np.float32)
+    d2 = np.full(labels.shape, np.inf, np.float32)
+    for k in range(1, count + 1):
+        outside = (labels != k).astype(np.uint8)
+        distance = cv.distanceTransform(outside, cv.DIST_L2, cv.DIST_MASK_PRECISE)
+        d2 = np.minimum(d2, np.maximum(d1, distance))
+        d1 = np.minimum(d1, distance)
+    return d1, d2
+
+
+def border_weights(mask, w0=W0, sigma=SIGMA):
+    """The border term (H, W) float32: w0 exp(-(d1 + d2)^2 / (2 sigma^2)) on background pixels, 0 elsewhere."""
+    labels, count = object_labels(mask)
+    if count < 2:
+        return np.zeros(mask.shape, np.float32)
+    d1, d2 = two_nearest_distances(labels, count)
+    border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma ** 2))
+    border[mask != 0] = 0.0
+    return border.astype(np.float32)
+
+
+def weight_map(mask, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+    """The paper's w(x) = w_c(x) + border term, float32 (H, W), for a class-index mask (H, W).
+
+    ``class_weights`` (num_classes,) replaces the per-mask class balancing when given.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"weight_map takes class indices (H, W), got shape {mask.shape}")
+    if mask.size and (mask.min() < 0 or mask.max() >= num_classes):
+        raise ValueError(f"mask values must be in 0..{num_classes - 1}, got {mask.min()}..{mask.max()}")
+    if class_weights is None:
+        class_weights = class_balance_weights(mask, num_classes)
+    class_weights = np.asarray(class_weights, np.float64)
+    if class_weights.shape != (num_classes,):
+        raise ValueError(f"class_weights must hold {num_classes} values, got shape {class_weights.shape}")
+    return (class_weights[mask] + border_weights(mask, w0, sigma)).astype(np.float32)
+
+
+def weight_maps(masks, w0=W0, sigma=SIGMA, class_weights=None):
+    """Weight maps (N, H, W) float32 for a batch of one-hot masks (N, H, W, K), as the loaders give.
+
+    For masks that were just augmented: the gaps moved, so their maps are computed afresh
+    (a few milliseconds for a 128x128 mask with a handful of shapes).
+    """
+    num_classes = masks.shape[-1]
+    labels = np.asarray(masks).argmax(axis=-1)
+    return np.stack([weight_map(label, num_classes, w0, sigma, class_weights) for label in labels])
+
+
+# ----- the cache beside the masks ---------------------------------------------------------------
+
+def weight_cache_path(mask_path):
+    """Where the map of a mask is cached: ``ROOT/train_mask/7.png`` -> ``ROOT/train_weight/7.npz``
+    (any other folder ``F`` -> ``F_weight``)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(mask_path)))
+    parent, base = os.path.split(folder)
+    base = base[:-len("_mask")] if base.endswith("_mask") else base
+    return os.path.join(parent, f"{base}_weight", os.path.splitext(name)[0] + ".npz")
+
+
+def _cache_key(mask_path, num_classes, w0, sigma, class_weights):
+    """Everything the cached map depends on, as a string: the parameters and the mask file's
+    modification time and size (so an edited or regenerated mask invalidates its map)."""
+    stat = os.stat(mask_path)
+    return json.dumps({
+        "format": CACHE_FORMAT, "num_classes": int(num_classes), "w0": float(w0), "sigma": float(sigma),
+        "class_weights": None if class_weights is None else [float(w) for w in class_weights],
+        "mask_mtime_ns": stat.st_mtime_ns, "mask_size": stat.st_size,
+    }, sort_keys=True)
+
+
+def _read_cache(path, key):
+    """The cached map if ``path`` holds one made with ``key``, else None (also for a damaged file)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return data["weight"]
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        pass
+    return None
+
+
+def cached_weight_map(mask_path, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+    """``weight_map`` of the mask file ``mask_path``, read from its cache file when that is current.
+
+    The cache (``weight_cache_path``) stores the map and the key it was made with; a different
+    key (parameters changed, mask file modified) recomputes and rewrites it, atomically (a
+    temporary file renamed into place), so an interrupted run never leaves half a map.
+    """
+    mask_path = os.fspath(mask_path)
+    key = _cache_key(mask_path, num_classes, w0, sigma, class_weights)
+    path = weight_cache_path(mask_path)
+    weights = _read_cache(path, key)
+    if weights is None:
+        weights = weight_map(load_mask(mask_path, num_classes), num_classes, w0, sigma, class_weights)
+        atomic_savez(path, {"weight": weights, "key": np.array(key)})
+    return weights
+
+
+def batch_weights(ids, masks_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+    """Cached weight maps (N, H, W) float32 of the masks ``masks_dir/{id}.png``, for ``sample_weight``."""
+    return np.stack([cached_weight_map(os.path.join(os.fspath(masks_dir), f"{index}.png"), num_classes, w0, sigma,
+                                       class_weights) for index in ids])
