@@ -35,8 +35,10 @@ from unet import small_unet, unet
 from unet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from unet.data import (CLASS_NAMES, NUM_CLASSES, PALETTE, BatchLoader, DatasetError, check_dataset,
                        colorize_mask, dataset_dirs, ensure_dataset, load_mask, read_bgr, split_ids)
+from unet.augment import Augmenter
 from unet.metrics import format_scores, score_mask_files
 from unet.report import plot_history, plot_predictions, write_history_csv, write_text_atomic
+from unet.weights import batch_weights
 
 RESUME_FILE = "last.npz"
 
@@ -48,7 +50,12 @@ LOSSES = {
     "bce": lambda: losses.BinaryCrossentropy(),
     # The usual choice for one label per pixel: softmax cross-entropy on the logits, fused.
     "softmax-ce": lambda: losses.SoftmaxCrossEntropy(),
+    # The paper's loss: softmax cross-entropy weighted per pixel by unet/weights.py's border map.
+    "weighted": lambda: losses.SoftmaxCrossEntropy(),
+    # The seed's loss (as Keras trains it) with the same border weights.
+    "weighted-bce": lambda: losses.BinaryCrossentropy(from_logits=True),
 }
+BORDER_WEIGHTED = ("weighted", "weighted-bce")
 
 
 class TrainingError(RuntimeError):
@@ -71,7 +78,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--loss", default="bce-logits", choices=sorted(LOSSES),
-                        help="bce-logits: what Keras trains for the seed's BCE on softmax; bce: BCE on probabilities")
+                        help="bce-logits: what Keras trains for the seed's BCE on softmax; bce: BCE on probabilities; "
+                             "weighted / weighted-bce: softmax-ce / bce-logits with the paper's border weights")
+    parser.add_argument("--augment", default="none", choices=["none", "elastic"],
+                        help="elastic: the paper's random elastic deformation, shift/rotation and gray-value "
+                             "variation on every training batch")
     parser.add_argument("--seed", type=int, default=22, help="seed of weights, shuffling and data generation")
     parser.add_argument("--weights-dir", default="UNet_weight")
     parser.add_argument("--results-dir", default="UNet_test_result")
@@ -109,25 +120,24 @@ def _unet_margin(size):
     return (size - decoder[-1] + 4) // 2       # output = last decoder map minus its two convs
 
 
-def fit_to_model(model, images, masks=None):
-    """Mirror-pad images (and masks) so the model's output covers exactly the image.
+def _mirror_to(array, size):
+    """Mirror-pad the two spatial axes (1 and 2) of a batch to size x size."""
+    before = (size - array.shape[1]) // 2
+    spatial = (before, size - array.shape[1] - before)
+    return np.pad(array, ((0, 0), spatial, spatial) + ((0, 0),) * (array.ndim - 3), mode="symmetric")
+
+
+def fit_to_model(model, images, *targets):
+    """Mirror-pad images (and per-pixel targets: masks, weights) so the output covers the image.
 
     small_unet keeps the size, so nothing changes. The original unet's 'valid' convolutions lose
     a margin, so, as in the paper, the missing context is supplied by mirroring the border; the
-    target mask is mirrored too and cut to the output's size.
+    targets are mirrored too, to the output's size. None targets stay None.
     """
     in_size, out_size = model.input_shape[1], model.output_shape[1]
-    size = images.shape[1]
-    if in_size == size:
-        return images, masks
-    before = (in_size - size) // 2
-    pad = ((0, 0), (before, in_size - size - before), (before, in_size - size - before), (0, 0))
-    images = np.pad(images, pad, mode="symmetric")
-    if masks is not None:
-        out_before = (out_size - size) // 2
-        pad = ((0, 0), (out_before, out_size - size - out_before), (out_before, out_size - size - out_before), (0, 0))
-        masks = np.pad(masks, pad, mode="symmetric")
-    return images, masks
+    if in_size == images.shape[1]:
+        return (images, *targets)
+    return (_mirror_to(images, in_size), *(None if t is None else _mirror_to(t, out_size) for t in targets))
 
 
 def crop_output(model, probabilities, size):
@@ -165,7 +175,7 @@ class StopRequest:
 def run_fingerprint(args):
     """The settings a resumed run must share with the run it continues."""
     return {key: getattr(args, key) for key in ("model", "num_images", "num_val", "num_test", "image_size",
-                                                 "batch_size", "loss", "seed")}
+                                                 "batch_size", "loss", "augment", "seed")}
 
 
 class Trainer:
@@ -184,6 +194,9 @@ class Trainer:
         self.epoch_start_state = None                  # the shuffler's state before this epoch's order
         self.train_seconds = 0.0
         self.on_batch_end = None                       # a hook for tests and tools: f(trainer)
+        # Its own seed, so that switching augmentation on does not change the shuffling.
+        self.augmenter = Augmenter(seed=args.seed + 1) if args.augment == "elastic" else None
+        self.border_weighted = args.loss in BORDER_WEIGHTED
         checkpoint_log = self._log_above_progress
         self.callbacks = [
             ModelCheckpoint(args.weights_dir, period=3, verbose=1, log=checkpoint_log),
@@ -211,6 +224,7 @@ class Trainer:
             "epoch_seconds": self.epoch_seconds, "epoch_start_state": self.epoch_start_state,
             "train_seconds": self.train_seconds, "history": self.history,
             "callbacks": [c.get_state() for c in self.callbacks], "stop_training": self.model.stop_training,
+            "augmenter": self.augmenter.get_state() if self.augmenter else None,
         }
         self.model.save(self.resume_path, extra=extra)
 
@@ -232,6 +246,8 @@ class Trainer:
         for callback, state in zip(self.callbacks, extra["callbacks"]):
             callback.set_state(state)
         self.model.stop_training = extra["stop_training"]
+        if self.augmenter:
+            self.augmenter.set_state(extra["augmenter"])
         self.log(f"resumed from {self.resume_path}: epoch {self.epoch + 1}, batch {self.batch}")
 
     # -- one epoch --
@@ -250,8 +266,8 @@ class Trainer:
         with progress:
             while self.batch < len(batches):
                 start = time.perf_counter()
-                images, masks = fit_to_model(self.model, *loader.read_batch(batches[self.batch]))
-                loss = self.model.train_on_batch(images, masks)
+                images, masks, weights = self._read_batch(loader, batches[self.batch], augment=True)
+                loss = self.model.train_on_batch(images, masks, sample_weight=weights)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss} at epoch {self.epoch + 1}, batch {self.batch + 1}: training "
@@ -269,11 +285,27 @@ class Trainer:
                     return False
         return True
 
+    def _read_batch(self, loader, ids, augment):
+        """(images, masks, weights or None) for these ids, augmented if asked, fitted to the model.
+
+        Border weights come from the cache beside the masks and, when the batch is deformed,
+        are deformed with it, so they stay on the gaps between the objects.
+        """
+        images, masks = loader.read_batch(ids)
+        weights = batch_weights(ids, loader.masks_dir, NUM_CLASSES) if self.border_weighted else None
+        if augment and self.augmenter is not None:
+            images, masks, *rest = self.augmenter(images, masks, weights)
+            weights = rest[0] if rest else None
+        return fit_to_model(self.model, images, masks, weights)
+
     def _validate(self):
+        """Mean loss over every validation image (weighted like the training loss, never augmented)."""
+        loader = self.val_loader
         total, count = 0.0, 0
-        for images, masks in self.val_loader.epoch_batches():
-            images, masks = fit_to_model(self.model, images, masks)
-            total += self.model.test_on_batch(images, masks) * len(images)
+        for start in range(0, len(loader.ids), loader.batch_size):
+            ids = loader.ids[start:start + loader.batch_size]
+            images, masks, weights = self._read_batch(loader, ids, augment=False)
+            total += self.model.test_on_batch(images, masks, sample_weight=weights) * len(images)
             count += len(images)
         return total / count
 
@@ -322,7 +354,7 @@ def predict_test_set(args, model, test_ids, dirs):
     for start in range(0, len(test_ids), args.batch_size):
         ids = test_ids[start:start + args.batch_size]
         batch = np.stack([read_bgr(os.path.join(dirs.test_images, f"{i}.jpg")) for i in ids])
-        inputs, _ = fit_to_model(model, batch.astype(np.float32) / 127.5 - 1)
+        (inputs,) = fit_to_model(model, batch.astype(np.float32) / 127.5 - 1)
         probabilities = crop_output(model, model.predict(inputs, batch_size=args.batch_size), batch.shape[1])
         labels = probabilities.argmax(axis=-1)
         for index, label_map in zip(ids, labels):

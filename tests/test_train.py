@@ -40,9 +40,13 @@ def test_whole_workflow_writes_dataset_checkpoints_masks_metrics_and_plots(tmp_p
     assert "Epoch 3/3 - loss" in out and "images/s" in out and "mean IoU" in out
 
 
-@pytest.mark.parametrize("stop_at_batch", [2, 7])   # mid-epoch 1, and mid-epoch 2 (5 batches per epoch)
-def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch):
-    assert run(tmp_path, "straight", "--epochs", "2") == 0
+@pytest.mark.parametrize("stop_at_batch,flags", [
+    (2, []),                                                    # mid-epoch 1 (5 batches per epoch)
+    (7, []),                                                    # mid-epoch 2
+    (7, ["--augment", "elastic", "--loss", "weighted"]),       # the augmenter's generator resumes too
+])
+def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch, flags):
+    assert run(tmp_path, "straight", "--epochs", "2", *flags) == 0
 
     seen = {"batches": 0}
 
@@ -51,9 +55,9 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch):
         if seen["batches"] == stop_at_batch:
             trainer.stop.requested = True          # what the Ctrl-C handler does
 
-    assert run(tmp_path, "split", "--epochs", "2", on_batch_end=interrupt) == 130
+    assert run(tmp_path, "split", "--epochs", "2", *flags, on_batch_end=interrupt) == 130
     assert not (tmp_path / "split" / "UNet_test_result").exists()
-    assert run(tmp_path, "split", "--epochs", "2", "--resume") == 0
+    assert run(tmp_path, "split", "--epochs", "2", "--resume", *flags) == 0
 
     straight = weights_of(tmp_path / "straight" / "UNet_weight" / "last.npz")
     split = weights_of(tmp_path / "split" / "UNet_weight" / "last.npz")
@@ -110,3 +114,9 @@ def test_bad_arguments_are_refused():
         train.parse_args(["--epochs", "0"])
     with pytest.raises(SystemExit):
         train.parse_args(["--device", "tpu"])
+
+
+def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
+    assert run(tmp_path, "weighted", "--epochs", "1", "--loss", "weighted", "--augment", "elastic") == 0
+    cached = sorted(p.name for p in (tmp_path / "shape" / "train_weight").glob("*.npz"))
+    assert len(cached) == 20          # 16 training + 4 validation masks, each computed once
