@@ -417,3 +417,13 @@ def test_gpu_dispatch_and_mixed_devices(fast_kernels):
     y, argmax = kernels.maxpool_forward(cupy.asarray(x), 1, 1, 1, 1, 0, 0, 2, 2)
     with pytest.raises(TypeError, match="different devices"):
         kernels.maxpool_backward(y, argmax.get(), x.shape, 1, 1, 1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("serial_below", [0, 1 << 40])     # force the parallel, then the serial compiled kernel
+def test_im2col_serial_and_parallel_versions_agree_with_reference(monkeypatch, serial_below):
+    monkeypatch.setattr(cpu, "SERIAL_BELOW_ELEMENTS", serial_below)
+    x = np.random.default_rng(0).standard_normal((3, 7, 6, 4)).astype(np.float32)
+    for args in [(3, 3, 1, 1, 1, 1, 7, 6), (3, 3, 2, 2, 0, 1, 3, 3), (2, 3, 1, 2, 0, 0, 6, 2)]:
+        expected = reference.im2col(x, *args)
+        scratch = np.full(expected.shape, np.nan, dtype=np.float32)     # garbage in reused memory
+        np.testing.assert_array_equal(cpu.im2col(x, *args, out=scratch), expected)

@@ -44,7 +44,6 @@ def _output_index(position, offset, stride, pad, out_size):
     return out_index if out_index < out_size else -1
 
 
-@_jit
 def _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     """Parallel over the N*out_h output rows; iteration (n, oh) writes the out_w rows of cols
     for that output row and nothing else (no races). The inner loop copies C contiguous values.
@@ -66,6 +65,14 @@ def _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
                     else:
                         for c in range(channels):
                             cols[r, first_column + c] = 0
+
+
+# Two compiled versions of one kernel: Conv2D calls im2col on cache-sized pieces, between matrix
+# products that run on every core through BLAS. For such small calls waking numba's threads costs
+# more than it saves, and its threads and BLAS's then compete for the same cores.
+_im2col_parallel = _jit(_im2col_kernel)
+_im2col_serial = njit(cache=True, fastmath=False)(_im2col_kernel)
+SERIAL_BELOW_ELEMENTS = 1 << 22
 
 
 @_jit
@@ -172,7 +179,8 @@ def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     n_batch, _, _, channels = x.shape
     shape = (n_batch * out_h * out_w, kh * kw * channels)
     cols = np.empty(shape, dtype=x.dtype) if out is None else out
-    _im2col_kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+    kernel = _im2col_serial if cols.size < SERIAL_BELOW_ELEMENTS else _im2col_parallel
+    kernel(x, cols, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
     return cols
 
 
