@@ -1,0 +1,51 @@
+"""The user-facing gradient checker: its command line, and that it can fail."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minitensor import gradcheck, layers
+
+
+def test_every_named_example_passes(capsys):
+    assert gradcheck.main(["--all"]) == 0
+    out = capsys.readouterr().out
+    for name in gradcheck.EXAMPLES:
+        assert f"{name}: passed" in out
+    assert "max relative error" in out
+
+
+def test_list_and_unknown_names(capsys):
+    assert gradcheck.main(["--list"]) == 0
+    assert "conv2d" in capsys.readouterr().out.split()
+    with pytest.raises(SystemExit):
+        gradcheck.main(["no_such_layer"])
+
+
+def test_a_wrong_gradient_fails_and_shows_the_worst_entries():
+    layer = layers.Conv2D(2, 3, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((1, 5, 5, 1))
+    original = layer.backward
+
+    def off_by_a_bit(dy):
+        dx = original(dy)
+        layer.grads[1] = layer.grads[1] * 1.01        # a 1% error in the bias gradient
+        return dx
+
+    layer.backward = off_by_a_bit
+    result = gradcheck.check_layer(layer, x)
+    assert not result.passed and result.errors["bias"] > 1e-3 and result.errors["kernel"] < 1e-6
+    assert "bias" in result.report() and "numeric" in result.report()
+
+
+def test_float32_layers_are_refused():
+    with pytest.raises(TypeError, match="float64"):
+        gradcheck.check_layer(layers.ReLU(), np.zeros((1, 2, 2, 1), np.float32))
+
+
+def test_runs_as_a_module_from_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "minitensor.gradcheck", "conv2d"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "conv2d: passed" in done.stdout and "kernel" in done.stdout
