@@ -37,6 +37,7 @@ from unet.data import (CLASS_NAMES, NUM_CLASSES, PALETTE, BatchLoader, DatasetEr
                        colorize_mask, dataset_dirs, ensure_dataset, load_mask, read_bgr, split_ids)
 from unet.augment import Augmenter
 from unet.metrics import format_scores, score_mask_files
+from unet.models import valid_unet_sizes
 from unet.report import plot_history, plot_predictions, write_history_csv, write_text_atomic
 from unet.weights import batch_weights
 
@@ -106,18 +107,13 @@ def build_model(args, image_size):
     minitensor.set_seed(args.seed)
     if args.model == "small":
         return small_unet((image_size, image_size, 3), num_classes=NUM_CLASSES)
-    from unet.models import valid_unet_sizes
 
-    size = next(s for s in range(image_size, image_size + 4096) if valid_unet_sizes(s)
-                and s - 2 * _unet_margin(s) >= image_size)
+    def output_size(size):          # the last decoder map: what the valid convolutions leave of the input
+        stages = valid_unet_sizes(size)
+        return stages[2][-1] if stages else 0
+
+    size = next(s for s in range(image_size, image_size + 4096) if output_size(s) >= image_size)
     return unet((size, size, 3), num_classes=NUM_CLASSES)
-
-
-def _unet_margin(size):
-    from unet.models import valid_unet_sizes
-
-    encoder, bottom, decoder, crops = valid_unet_sizes(size)
-    return (size - decoder[-1] + 4) // 2       # output = last decoder map minus its two convs
 
 
 def _mirror_to(array, size):

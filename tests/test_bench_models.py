@@ -4,7 +4,6 @@ Cheap checks only (no timing): parameter counts at full size and output shapes o
 tests/test_unet_vs_keras.py checks them against minitensor number by number. The PyTorch models
 are checked in bench/test_torch_models.py (`python -m pytest bench`, with the bench extra).
 """
-import numpy as np
 import pytest
 
 from unet import small_unet, unet

@@ -120,3 +120,16 @@ def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
     assert run(tmp_path, "weighted", "--epochs", "1", "--loss", "weighted", "--augment", "elastic") == 0
     cached = sorted(p.name for p in (tmp_path / "shape" / "train_weight").glob("*.npz"))
     assert len(cached) == 20          # 16 training + 4 validation masks, each computed once
+
+
+def test_original_unet_trains_on_mirror_padded_images(tmp_path):
+    """--model original: 32 px images are mirror-padded to 220 px, the smallest input whose output covers them."""
+    argv = ["--num-images", "12", "--num-val", "2", "--num-test", "2", "--image-size", "32", "--batch-size", "4",
+            "--quiet", "--model", "original", "--epochs", "1", "--data", str(tmp_path / "shape"),
+            "--weights-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+    assert train.main(argv) == 0
+    model = train.build_model(train.parse_args(argv), 32)
+    assert model.input_shape == (None, 220, 220, 3) and model.output_shape == (None, 36, 36, 4)
+    assert sorted(p.name for p in (tmp_path / "r").glob("1?.png")) == ["10.png", "11.png"]
+    import cv2
+    assert cv2.imread(str(tmp_path / "r" / "10.png")).shape == (32, 32, 3)
