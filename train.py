@@ -34,7 +34,8 @@ from minitensor.optimizers import Adam
 from unet import small_unet, unet
 from unet.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from unet.data import (CLASS_NAMES, NUM_CLASSES, PALETTE, BatchLoader, DatasetError, check_dataset,
-                       colorize_mask, dataset_dirs, ensure_dataset, load_mask, read_bgr, split_ids)
+                       colorize_mask, dataset_dirs, ensure_dataset, load_mask, read_bgr, split_ids,
+                       write_image_atomic)
 from unet.augment import Augmenter
 from unet.metrics import format_scores, score_mask_files
 from unet.models import valid_unet_sizes
@@ -354,19 +355,10 @@ def predict_test_set(args, model, test_ids, dirs):
         probabilities = crop_output(model, model.predict(inputs, batch_size=args.batch_size), batch.shape[1])
         labels = probabilities.argmax(axis=-1)
         for index, label_map in zip(ids, labels):
-            write_png(os.path.join(args.results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))
+            write_image_atomic(os.path.join(args.results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))
         images_bgr.extend(batch)
         predictions.extend(labels)
     return images_bgr, predictions
-
-
-def write_png(path, image):
-    import cv2 as cv
-
-    temporary = f"{path}.tmp.png"
-    if not cv.imwrite(temporary, image):
-        raise OSError(f"could not write {path}")
-    os.replace(temporary, path)
 
 
 def report(args, trainer, test_ids, dirs, images, predictions):

@@ -74,10 +74,12 @@ class Loss:
         return grad
 
     def _per_pixel_loss(self, xp, y_pred, y_true):
-        raise NotImplementedError
+        """(N, H, W) loss per pixel; every loss defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define _per_pixel_loss")
 
     def _per_pixel_gradient(self, xp, y_pred, y_true):
-        raise NotImplementedError
+        """d per_pixel_loss / d y_pred, shaped like y_pred; every loss defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define _per_pixel_gradient")
 
     def __repr__(self):
         return f"{type(self).__name__}(from_logits={self.from_logits})"

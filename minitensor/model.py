@@ -314,7 +314,7 @@ class Model:
     def load_weights(self, path):
         """Load the weights of a minitensor ``.npz`` (from ``save``) into this model, checking every shape."""
         data = read_npz(path)
-        self._assign_weights({k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}, path)
+        self._assign_weights(_with_prefix(data, "weights/"), path)
         return data
 
     def _assign_weights(self, named, source):
@@ -358,6 +358,11 @@ def atomic_savez(path, arrays):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _with_prefix(data, prefix):
+    """The entries of a saved file under ``prefix`` ("weights/", "optimizer/"), keys without it."""
+    return {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
 
 
 def read_npz(path):
@@ -406,8 +411,8 @@ def load_model(path, device="cpu"):
         raise
     except Exception as exc:
         raise ModelFileError(f"{path}: the model architecture in the file cannot be rebuilt: {exc}") from exc
-    model._assign_weights({k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}, path)
-    optimizer_state = {k[len("optimizer/"):]: v for k, v in data.items() if k.startswith("optimizer/")}
+    model._assign_weights(_with_prefix(data, "weights/"), path)
+    optimizer_state = _with_prefix(data, "optimizer/")
     if optimizer_state:
         model.optimizer = optimizer_module.Adam()
         model.optimizer.set_state(optimizer_state)

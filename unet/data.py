@@ -191,7 +191,7 @@ def make_sample(seed, index, image_size=128):
 # Writing the data set
 # ----------------------------------------------------------------------------------------------
 
-def _write_atomic(path, array):
+def write_image_atomic(path, array):
     """Encode ``array`` by the extension of ``path`` and write it under a temporary name first,
     so an interrupted run never leaves a half-written file under the real name."""
     extension = os.path.splitext(path)[1]
@@ -260,8 +260,8 @@ def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0,
             kept += 1
             continue
         image, mask = make_sample(seed, index, image_size)
-        _write_atomic(image_path, image)
-        _write_atomic(mask_path, mask)
+        write_image_atomic(image_path, image)
+        write_image_atomic(mask_path, mask)
         written += 1
     _write_marker(root, params)
     return {"root": os.fspath(root), **params, "written": written, "kept": kept}
