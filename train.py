@@ -40,7 +40,7 @@ from unet.augment import Augmenter
 from unet.metrics import format_scores, score_mask_files
 from unet.models import valid_unet_sizes
 from unet.report import plot_history, plot_predictions, write_history_csv, write_text_atomic
-from unet.weights import batch_weights
+from unet.weights import batch_weights, dataset_class_weights
 
 RESUME_FILE = "last.npz"
 
@@ -82,6 +82,11 @@ def parse_args(argv=None):
     parser.add_argument("--loss", default="bce-logits", choices=sorted(LOSSES),
                         help="bce-logits: what Keras trains for the seed's BCE on softmax; bce: BCE on probabilities; "
                              "weighted / weighted-bce: softmax-ce / bce-logits with the paper's border weights")
+    parser.add_argument("--class-weights", default="none", choices=("none", "mask", "dataset"),
+                        help="w_c of the border-weighted losses: 1 for every class (the border term alone), or "
+                             "the paper's class balancing by the frequencies in each mask or in the whole training "
+                             "set; on the Shape data both balancings held training at the uniform prediction "
+                             "(loss ln 4) for epochs (README)")
     parser.add_argument("--augment", default="none", choices=["none", "elastic"],
                         help="elastic: the paper's random elastic deformation, shift/rotation and gray-value "
                              "variation on every training batch")
@@ -167,12 +172,24 @@ class StopRequest:
               file=sys.stderr, flush=True)
 
 
+def class_weights_for(args, train_loader):
+    """w_c for the border-weighted losses, as --class-weights asks: None means per mask."""
+    if args.class_weights == "mask":
+        return None
+    if args.class_weights == "none":
+        return np.ones(NUM_CLASSES)
+    return dataset_class_weights([os.path.join(train_loader.masks_dir, f"{i}.png") for i in train_loader.ids],
+                                 NUM_CLASSES)
+
+
 # ----- the training loop -----------------------------------------------------------------------------------
 
 def run_fingerprint(args):
     """The settings a resumed run must share with the run it continues."""
-    return {key: getattr(args, key) for key in ("model", "num_images", "num_val", "num_test", "image_size",
-                                                 "batch_size", "loss", "augment", "seed")}
+    keys = ["model", "num_images", "num_val", "num_test", "image_size", "batch_size", "loss", "augment", "seed"]
+    if args.loss in BORDER_WEIGHTED:
+        keys.append("class_weights")
+    return {key: getattr(args, key) for key in keys}
 
 
 class Trainer:
@@ -194,6 +211,10 @@ class Trainer:
         # Its own seed, so that switching augmentation on does not change the shuffling.
         self.augmenter = Augmenter(seed=args.seed + 1) if args.augment == "elastic" else None
         self.border_weighted = args.loss in BORDER_WEIGHTED
+        self.class_weights = class_weights_for(args, train_loader) if self.border_weighted else None
+        if self.class_weights is not None:
+            log(f"border-weighted loss, class weights ({args.class_weights}): "
+                + ", ".join(f"{name} {w:.3g}" for name, w in zip(CLASS_NAMES, self.class_weights)))
         checkpoint_log = self._log_above_progress
         self.callbacks = [
             ModelCheckpoint(args.weights_dir, period=3, verbose=1, log=checkpoint_log),
@@ -289,7 +310,8 @@ class Trainer:
         are deformed with it, so they stay on the gaps between the objects.
         """
         images, masks = loader.read_batch(ids)
-        weights = batch_weights(ids, loader.masks_dir, NUM_CLASSES) if self.border_weighted else None
+        weights = (batch_weights(ids, loader.masks_dir, NUM_CLASSES, class_weights=self.class_weights)
+                   if self.border_weighted else None)
         if augment and self.augmenter is not None:
             images, masks, *rest = self.augmenter(images, masks, weights)
             weights = rest[0] if rest else None

@@ -122,6 +122,23 @@ def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
     assert len(cached) == 20          # 16 training + 4 validation masks, each computed once
 
 
+@pytest.mark.parametrize("choice", ["dataset", "none"])
+def test_class_weights_choice_reaches_the_weight_maps(tmp_path, choice, monkeypatch):
+    import unet.weights
+
+    seen = []
+    original = unet.weights.weight_map
+    monkeypatch.setattr(unet.weights, "weight_map", lambda *a, **k: seen.append(k.get("class_weights",
+                                                                                        a[4] if len(a) > 4 else None))
+                        or original(*a, **k))
+    assert run(tmp_path, choice, "--epochs", "1", "--loss", "weighted", "--class-weights", choice) == 0
+    assert seen and all(w is not None for w in seen)
+    if choice == "none":
+        assert all(np.array_equal(w, np.ones(4)) for w in seen)
+    else:
+        assert len({tuple(np.round(w, 12)) for w in seen}) == 1 and seen[0][0] < 1 < seen[0][1]
+
+
 def test_original_unet_trains_on_mirror_padded_images(tmp_path):
     """--model original: 32 px images are mirror-padded to 220 px, the smallest input whose output covers them."""
     argv = ["--num-images", "12", "--num-val", "2", "--num-test", "2", "--image-size", "32", "--batch-size", "4",

@@ -88,6 +88,22 @@ def test_fixed_class_weights():
         weights.weight_map(mask, class_weights=[1.0, 2.0])
 
 
+def test_dataset_class_weights_count_every_mask_together(tmp_path):
+    small, large = np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8)
+    small[0, 0] = 2                      # 1 triangle pixel
+    large[:5] = 1                        # 50 circle pixels
+    paths = []
+    for index, mask in enumerate((small, large)):
+        paths.append(tmp_path / f"{index}.png")
+        cv.imwrite(str(paths[-1]), mask)
+    w = weights.dataset_class_weights(paths, num_classes=4)
+    counts = np.array([149, 50, 1, 0])    # of 200 pixels; squares absent
+    np.testing.assert_allclose(w, [200 / (3 * 149), 200 / (3 * 50), 200 / 3, 0.0])
+    assert np.isclose((w * counts).sum() / counts.sum(), 1.0)          # the mean weight over the pixels is 1
+    # per mask, the single triangle pixel would get 100 / (2 * 1) = 50 in its own image
+    assert weights.class_balance_weights(small)[2] == 50.0
+
+
 def test_batch_of_one_hot_masks():
     masks = np.stack([two_squares(2), two_squares(5)])
     maps = weights.weight_maps(one_hot(masks, 4))

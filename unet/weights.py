@@ -13,11 +13,12 @@ any gap it is just w_c. The loss is the existing weighted cross-entropy: pass th
 
 Our choices, where the paper leaves them open:
 
-* ``w_c`` balances class frequencies *in this mask* (the paper's "weight map to balance the class
-  frequencies"): w_c(c) = P / (K_present * count(c)) for the K_present classes that occur among
-  the P pixels. The mean of w_c over the image is then exactly 1, so the loss keeps the scale of
-  the unweighted loss. Pass ``class_weights`` (one per class) to use fixed weights instead, e.g.
-  frequencies counted over the whole training set.
+* ``w_c`` balances class frequencies (the paper's "weight map to balance the class frequencies"):
+  w_c(c) = P / (K_present * count(c)) for the K_present classes that occur among the P pixels,
+  so the mean of w_c over the pixels is exactly 1 and the loss keeps the scale of the unweighted
+  loss. By default the counts are those of *this mask*; pass ``class_weights`` (one per class)
+  for fixed weights instead: ``dataset_class_weights`` counts over the whole training set, and
+  ``train.py --class-weights`` chooses (see its help for what each did on the Shape data).
 * An *object* is a connected region (8-connectivity) of one foreground class. The paper has one
   foreground class, cells, whose instances its labels keep apart; we have several classes, and
   a circle touching a square is still two objects. (Two touching shapes of the *same* class
@@ -55,6 +56,22 @@ def class_balance_weights(mask, num_classes=NUM_CLASSES):
     Normalised so that the mean over the mask's pixels of w_c[mask] is exactly 1.
     """
     counts = np.bincount(np.asarray(mask).ravel(), minlength=num_classes)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def dataset_class_weights(mask_paths, num_classes=NUM_CLASSES):
+    """w_c per class (num_classes,), float64, from the class frequencies of many masks together:
+    P / (K_present * count(c)) over all their pixels, as ``class_balance_weights`` does for one.
+
+    Per-mask balancing gives a 60-pixel triangle in a 16384-pixel image a weight above 100; over
+    the whole training set each class weight is the same for every image.
+    """
+    counts = np.zeros(num_classes, np.int64)
+    for path in mask_paths:
+        counts += np.bincount(load_mask(path, num_classes).ravel(), minlength=num_classes)
     present = counts > 0
     weights = np.zeros(num_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
