@@ -55,9 +55,13 @@ def class_balance_weights(mask, num_classes=NUM_CLASSES):
 
     Normalised so that the mean over the mask's pixels of w_c[mask] is exactly 1.
     """
-    counts = np.bincount(np.asarray(mask).ravel(), minlength=num_classes)
+    return _balancing_weights(np.bincount(np.asarray(mask).ravel(), minlength=num_classes))
+
+
+def _balancing_weights(counts):
+    """P / (K_present * count(c)) per class from pixel counts, 0 where a class is absent."""
     present = counts > 0
-    weights = np.zeros(num_classes)
+    weights = np.zeros(len(counts))
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights
 
@@ -72,10 +76,7 @@ def dataset_class_weights(mask_paths, num_classes=NUM_CLASSES):
     counts = np.zeros(num_classes, np.int64)
     for path in mask_paths:
         counts += np.bincount(load_mask(path, num_classes).ravel(), minlength=num_classes)
-    present = counts > 0
-    weights = np.zeros(num_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights
+    return _balancing_weights(counts)
 
 
 def object_labels(mask):
