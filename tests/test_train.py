@@ -124,13 +124,9 @@ def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
 
 @pytest.mark.parametrize("choice", ["dataset", "none"])
 def test_class_weights_choice_reaches_the_weight_maps(tmp_path, choice, monkeypatch):
-    import unet.weights
-
     seen = []
-    original = unet.weights.weight_map
-    monkeypatch.setattr(unet.weights, "weight_map", lambda *a, **k: seen.append(k.get("class_weights",
-                                                                                        a[4] if len(a) > 4 else None))
-                        or original(*a, **k))
+    original = train.batch_weights
+    monkeypatch.setattr(train, "batch_weights", lambda *a, **k: seen.append(k["class_weights"]) or original(*a, **k))
     assert run(tmp_path, choice, "--epochs", "1", "--loss", "weighted", "--class-weights", choice) == 0
     assert seen and all(w is not None for w in seen)
     if choice == "none":
