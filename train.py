@@ -58,6 +58,12 @@ LOSSES = {
     "weighted-bce": lambda: losses.BinaryCrossentropy(from_logits=True),
 }
 BORDER_WEIGHTED = ("weighted", "weighted-bce")
+# --augment: a factory of each choice's augmenter, given its seed.
+AUGMENTERS = {
+    "none": lambda seed: None,
+    "elastic": lambda seed: Augmenter(seed),
+    "flip": lambda seed: Augmenter(seed, elastic=False, affine=False, flips=True),
+}
 
 
 class TrainingError(RuntimeError):
@@ -87,9 +93,10 @@ def parse_args(argv=None):
                              "the paper's class balancing by the frequencies in each mask or in the whole training "
                              "set; on the Shape data both balancings held training at the uniform prediction "
                              "(loss ln 4) for epochs (README)")
-    parser.add_argument("--augment", default="none", choices=["none", "elastic"],
+    parser.add_argument("--augment", default="none", choices=sorted(AUGMENTERS),
                         help="elastic: the paper's random elastic deformation, shift/rotation and gray-value "
-                             "variation on every training batch")
+                             "variation on every training batch; flip: random flips and quarter turns with the "
+                             "gray-value variation, which leave every shape's class intact")
     parser.add_argument("--seed", type=int, default=22, help="seed of weights, shuffling and data generation")
     parser.add_argument("--weights-dir", default="UNet_weight")
     parser.add_argument("--results-dir", default="UNet_test_result")
@@ -209,7 +216,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.on_batch_end = None                       # a hook for tests and tools: f(trainer)
         # Its own seed, so that switching augmentation on does not change the shuffling.
-        self.augmenter = Augmenter(seed=args.seed + 1) if args.augment == "elastic" else None
+        self.augmenter = AUGMENTERS[args.augment](args.seed + 1)
         self.border_weighted = args.loss in BORDER_WEIGHTED
         self.class_weights = class_weights_for(args, train_loader) if self.border_weighted else None
         if self.class_weights is not None:

@@ -121,6 +121,40 @@ def test_switches_turn_augmentations_off():
     assert not np.array_equal(jittered, images)
 
 
+def test_dihedral_gives_the_eight_rotations_and_reflections():
+    square = np.arange(25).reshape(5, 5)
+    expected = {np.rot90(a, k).tobytes() for a in (square, square[:, ::-1]) for k in range(4)}
+    results = [augment.dihedral(square, index) for index in range(8)]
+    assert {r.tobytes() for r in results} == expected            # all 8, each once
+    image = np.random.default_rng(0).random((5, 5, 3))
+    for index in range(8):   # channels ride along: every channel moves like a 2D array
+        np.testing.assert_array_equal(augment.dihedral(image, index)[..., 1], augment.dihedral(image[..., 1], index))
+
+
+def test_dihedral_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="index 8"):
+        augment.dihedral(np.zeros((4, 4)), 8)
+    with pytest.raises(ValueError, match="square image, not 4x6"):
+        augment.dihedral(np.zeros((4, 6)), 4)
+    assert augment.dihedral(np.zeros((4, 6)), 3).shape == (4, 6)   # flips alone are fine
+
+
+def test_flips_move_image_mask_and_weights_alike_and_draw_every_symmetry():
+    images, masks = sample_batch(1, size=16)
+    weights = np.random.default_rng(1).random(masks.shape[:-1]).astype(np.float32)
+    augmenter = augment.Augmenter(seed=3, elastic=False, affine=False, intensity=False, flips=True)
+    seen = set()
+    for _ in range(60):
+        out_images, out_masks, out_weights = augmenter(images, masks, weights)
+        matches = [index for index in range(8) if np.array_equal(out_images[0], augment.dihedral(images[0], index))]
+        assert matches, "the image is not a flip or quarter turn of the input"
+        index = matches[0]
+        np.testing.assert_array_equal(out_masks[0], augment.dihedral(masks[0], index))
+        np.testing.assert_array_equal(out_weights[0], augment.dihedral(weights[0], index))
+        seen.add(index)
+    assert seen == set(range(8))
+
+
 def test_figure_command(tmp_path):
     path = tmp_path / "ideas.png"
     augment.main(["--figure", str(path), "--image-size", "64"])

@@ -44,6 +44,7 @@ def test_whole_workflow_writes_dataset_checkpoints_masks_metrics_and_plots(tmp_p
     (2, []),                                                    # mid-epoch 1 (5 batches per epoch)
     (7, []),                                                    # mid-epoch 2
     (7, ["--augment", "elastic", "--loss", "weighted"]),       # the augmenter's generator resumes too
+    (7, ["--augment", "flip"]),
 ])
 def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch, flags):
     assert run(tmp_path, "straight", "--epochs", "2", *flags) == 0

@@ -128,6 +128,27 @@ def apply_field(image, mask, field):
     return warp(image, field, cv.INTER_LINEAR), warp(mask, field, cv.INTER_NEAREST)
 
 
+def dihedral(array, index):
+    """One of the square's 8 symmetries (``index`` 0..7) applied to ``array`` (H, W, ...).
+
+    Bit 0 flips left-right, bit 1 flips up-down, bit 2 swaps the rows and columns (a transpose;
+    with the flips it makes the 90 and 270 degree turns). Pixels only move, nothing is
+    interpolated, so a mask stays exact and a square, a triangle or a circle keeps its straight
+    edges and corners: the class of every shape is unchanged, which a bent square cannot promise.
+    """
+    if not 0 <= index < 8:
+        raise ValueError(f"a square has 8 symmetries (index 0..7), not index {index}")
+    if index & 4 and array.shape[0] != array.shape[1]:
+        raise ValueError(f"a transpose needs a square image, not {array.shape[0]}x{array.shape[1]}")
+    if index & 1:
+        array = array[:, ::-1]
+    if index & 2:
+        array = array[::-1]
+    if index & 4:
+        array = array.swapaxes(0, 1)
+    return np.ascontiguousarray(array)
+
+
 def jitter_intensity(image, contrast, brightness):
     """Gray-value variation on a [-1, 1] image: ``contrast * image + brightness``, clipped back to [-1, 1]."""
     return np.clip(contrast * image + brightness, -1.0, 1.0).astype(image.dtype)
@@ -136,12 +157,13 @@ def jitter_intensity(image, contrast, brightness):
 # ----- a batch augmenter with a resumable random state ---------------------------------------
 
 class Augmenter:
-    """Random elastic + affine deformations and gray-value jitter for training batches.
+    """Random elastic + affine deformations, flips and gray-value jitter for training batches.
 
     Args:
         seed: seed of the augmenter's own ``numpy.random.Generator``; the same seed and the same
             batches give the same augmented batches.
         elastic, affine, intensity: switch each of the paper's three augmentations on or off.
+        flips: a random one of the 8 flips and quarter turns (``dihedral``) first, on square images.
         grid, sigma: the elastic grid (3x3) and its displacement standard deviation (10 px).
         max_rotation, max_shift: affine ranges, in degrees and in fractions of the image side.
 
@@ -149,10 +171,10 @@ class Augmenter:
     resumed training run draws exactly the deformations the interrupted one would have drawn.
     """
 
-    def __init__(self, seed=0, elastic=True, affine=True, intensity=True, grid=ELASTIC_GRID,
+    def __init__(self, seed=0, elastic=True, affine=True, intensity=True, flips=False, grid=ELASTIC_GRID,
                  sigma=ELASTIC_SIGMA, max_rotation=MAX_ROTATION_DEGREES, max_shift=MAX_SHIFT_FRACTION):
         self.rng = np.random.default_rng(seed)
-        self.elastic, self.affine, self.intensity = elastic, affine, intensity
+        self.elastic, self.affine, self.intensity, self.flips = elastic, affine, intensity, flips
         self.grid, self.sigma = grid, sigma
         self.max_rotation, self.max_shift = max_rotation, max_shift
 
@@ -168,13 +190,18 @@ class Augmenter:
     def augment_one(self, image, labels, weights=None):
         """One sample: image (H, W, C) float, labels (H, W) uint8, optional weights (H, W) float.
 
-        Returns ``(image, labels, weights)`` deformed by one random field (weights bilinearly,
-        so a border-weight map follows its mask); ``weights`` stays None if not given.
+        Returns ``(image, labels, weights)`` flipped and deformed by one random field (weights
+        bilinearly, so a border-weight map follows its mask); ``weights`` stays None if not given.
         """
-        field = self.draw_field(image.shape)
-        image, labels = apply_field(image, labels, field)
-        if weights is not None:
-            weights = warp(weights, field, cv.INTER_LINEAR)
+        if self.flips:
+            symmetry = int(self.rng.integers(8))
+            image, labels = dihedral(image, symmetry), dihedral(labels, symmetry)
+            weights = None if weights is None else dihedral(weights, symmetry)
+        if self.elastic or self.affine:   # without either the field is zero: no resampling at all
+            field = self.draw_field(image.shape)
+            image, labels = apply_field(image, labels, field)
+            if weights is not None:
+                weights = warp(weights, field, cv.INTER_LINEAR)
         if self.intensity:
             image = jitter_intensity(image, self.rng.uniform(*CONTRAST_RANGE), self.rng.uniform(*BRIGHTNESS_RANGE))
         return image, labels, weights
