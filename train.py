@@ -40,6 +40,7 @@ from unet.augment import Augmenter
 from unet.metrics import format_scores, score_mask_files
 from unet.models import valid_unet_sizes
 from unet.report import plot_history, plot_predictions, write_history_csv, write_text_atomic
+from unet.tta import predict_views
 from unet.weights import batch_weights, dataset_class_weights
 
 RESUME_FILE = "last.npz"
@@ -103,6 +104,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help=f"continue from WEIGHTS_DIR/{RESUME_FILE}")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after the epoch during which this much training time has passed")
+    parser.add_argument("--tta", action="store_true",
+                        help="predict the test set 8 times, flipped and turned, and average (8x the prediction time; "
+                             "the training is the same)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "num_images", "image_size"):
@@ -376,12 +380,16 @@ class Trainer:
 def predict_test_set(args, model, test_ids, dirs):
     """Colored masks of every test image into the results folder; returns (ids, images, predictions)."""
     os.makedirs(args.results_dir, exist_ok=True)
+
+    def predict(images):
+        (inputs,) = fit_to_model(model, images)
+        return crop_output(model, model.predict(inputs, batch_size=args.batch_size), images.shape[1])
+
     images_bgr, predictions = [], []
     for start in range(0, len(test_ids), args.batch_size):
         ids = test_ids[start:start + args.batch_size]
         batch = np.stack([read_bgr(os.path.join(dirs.test_images, f"{i}.jpg")) for i in ids])
-        (inputs,) = fit_to_model(model, batch.astype(np.float32) / 127.5 - 1)
-        probabilities = crop_output(model, model.predict(inputs, batch_size=args.batch_size), batch.shape[1])
+        probabilities = predict_views(predict, batch.astype(np.float32) / 127.5 - 1, 8 if args.tta else 1)
         labels = probabilities.argmax(axis=-1)
         for index, label_map in zip(ids, labels):
             write_image_atomic(os.path.join(args.results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))

@@ -149,6 +149,19 @@ def dihedral(array, index):
     return np.ascontiguousarray(array)
 
 
+def undo_dihedral(array, index):
+    """The inverse of ``dihedral(array, index)``: its three steps undone in reverse order."""
+    if not 0 <= index < 8:
+        raise ValueError(f"a square has 8 symmetries (index 0..7), not index {index}")
+    if index & 4:
+        array = array.swapaxes(0, 1)
+    if index & 2:
+        array = array[::-1]
+    if index & 1:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
 def jitter_intensity(image, contrast, brightness):
     """Gray-value variation on a [-1, 1] image: ``contrast * image + brightness``, clipped back to [-1, 1]."""
     return np.clip(contrast * image + brightness, -1.0, 1.0).astype(image.dtype)
