@@ -26,6 +26,7 @@ import minitensor
 from minitensor import backend
 from unet.data import PALETTE, colorize_mask
 from unet.tiling import predict_tiled, tile_geometry
+from unet.tta import predict_views
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -100,10 +101,18 @@ def output_paths(images, out_dir):
     return outputs
 
 
-def segment(model, image_path, out_path, palette, batch_size=4, overlap=None):
-    """Predict one image file and write its colored mask; returns the mask's (H, W)."""
+def segment(model, image_path, out_path, palette, batch_size=4, overlap=None, tta=False):
+    """Predict one image file and write its colored mask; returns the mask's (H, W).
+
+    With ``tta`` the image is also predicted flipped (and, if square, turned) and the views averaged.
+    """
     image = read_image(image_path, model.input_shape[-1])
-    labels = predict_tiled(model, image, batch_size, overlap).argmax(axis=-1)
+
+    def predict(images):
+        return np.stack([predict_tiled(model, view, batch_size, overlap) for view in images])
+
+    num_views = (8 if image.shape[0] == image.shape[1] else 4) if tta else 1
+    labels = predict_views(predict, image[None], num_views)[0].argmax(axis=-1)
     if not cv.imwrite(out_path, colorize_mask(labels, palette)):
         raise PredictError(f"{out_path}: OpenCV could not write it")
     return labels.shape
@@ -121,6 +130,8 @@ def parse_args(argv=None):
     parser.add_argument("--overlap", type=int, default=None,
                         help="output pixels discarded on each side of a tile (default: 0 for 'valid' "
                              "models, an eighth of the tile for 'same' ones)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over the image's flips (and quarter turns, if square): 4 or 8 times the work")
     return parser.parse_args(argv)
 
 
@@ -140,7 +151,8 @@ def main(argv=None):
     failures = 0
     for image_path, out_path in zip(images, outputs):
         try:
-            height, width = segment(model, image_path, out_path, palette, args.batch_size, args.overlap)
+            height, width = segment(model, image_path, out_path, palette, args.batch_size, args.overlap,
+                                    args.tta)
         except PredictError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1

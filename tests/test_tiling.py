@@ -133,6 +133,18 @@ def test_predict_writes_a_colored_mask_of_each_images_size(saved_model, tmp_path
     assert "segmented 1 of 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("height, width, num_views", [(37, 23, 4), (30, 30, 8)])
+def test_predict_tta_averages_the_flipped_views(saved_model, tmp_path, monkeypatch, height, width, num_views):
+    image_path = tmp_path / "in.png"
+    cv.imwrite(str(image_path), np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    seen = []
+    real_predict_views = predict.predict_views
+    monkeypatch.setattr(predict, "predict_views", lambda f, x, n: seen.append(n) or real_predict_views(f, x, n))
+    assert predict.main([saved_model, str(image_path), "--out", str(tmp_path / "out"), "--tta"]) == 0
+    assert seen == [num_views]                              # square images are turned too
+    assert cv.imread(str(tmp_path / "out" / "in.png")).shape == (height, width, 3)
+
+
 def test_predict_errors(saved_model, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert predict.main([str(tmp_path / "missing.npz"), str(tmp_path), "--out", out]) == 2
