@@ -267,6 +267,9 @@ class Trainer:
             raise TrainingError(f"--resume: {self.resume_path} was written by a run with settings "
                                 f"{extra.get('fingerprint')}, not {run_fingerprint(self.args)}; use the same "
                                 f"settings, or another --weights-dir to start afresh")
+        if extra["epoch"] > self.args.epochs:
+            raise TrainingError(f"--resume: {self.resume_path} has trained {extra['epoch']} epochs, more than "
+                                f"--epochs {self.args.epochs}; pass --epochs {extra['epoch']} or more")
         self.model.set_weights(saved.get_weights())
         self.model.optimizer.set_state(saved.optimizer.get_state())
         for key in ("epoch", "batch", "epoch_loss_sum", "epoch_images", "epoch_seconds", "epoch_start_state",
@@ -277,7 +280,10 @@ class Trainer:
         self.model.stop_training = extra["stop_training"]
         if self.augmenter:
             self.augmenter.set_state(extra["augmenter"])
-        self.log(f"resumed from {self.resume_path}: epoch {self.epoch + 1}, batch {self.batch}")
+        if self.epoch == self.args.epochs or self.model.stop_training:
+            self.log(f"resumed from {self.resume_path}: training finished after epoch {self.epoch}; predicting")
+        else:
+            self.log(f"resumed from {self.resume_path}: epoch {self.epoch + 1}, batch {self.batch}")
 
     # -- one epoch --
     def _train_epoch(self):

@@ -82,7 +82,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "was written by a run with settings" in capsys.readouterr().err
 
 
-def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path, monkeypatch):
+def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path, monkeypatch, capsys):
     assert run(tmp_path, "done", "--epochs", "1") == 0
     checkpoint = tmp_path / "done" / "UNet_weight" / "last.npz"
     before = checkpoint.read_bytes()
@@ -91,10 +91,17 @@ def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path,
     monkeypatch.setattr(train, "predict_views", lambda f, x, n: views.append(n) or real_predict(f, x, n))
     monkeypatch.setattr(Model, "train_on_batch", lambda *args, **kwargs: pytest.fail("a finished run trained again"))
     assert run(tmp_path, "done", "--epochs", "1", "--resume", "--tta") == 0
+    assert "training finished after epoch 1; predicting" in capsys.readouterr().out
     assert views == [8]                                    # 4 test images, one batch of 4
     assert checkpoint.read_bytes() == before
     metrics = json.loads((tmp_path / "done" / "UNet_test_result" / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_iou"] <= 1.0
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
+    assert run(tmp_path, "two", "--epochs", "2") == 0
+    assert run(tmp_path, "two", "--epochs", "1", "--resume") == 1
+    assert "has trained 2 epochs, more than --epochs 1; pass --epochs 2 or more" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
