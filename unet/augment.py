@@ -149,17 +149,16 @@ def dihedral(array, index):
     return np.ascontiguousarray(array)
 
 
+# Every symmetry undoes itself except the two quarter turns (5: flip left-right then transpose,
+# 6: flip up-down then transpose), which undo each other.
+_INVERSE_SYMMETRY = (0, 1, 2, 3, 4, 6, 5, 7)
+
+
 def undo_dihedral(array, index):
-    """The inverse of ``dihedral(array, index)``: its three steps undone in reverse order."""
+    """The inverse of ``dihedral(array, index)``: ``undo_dihedral(dihedral(a, i), i)`` is ``a``."""
     if not 0 <= index < 8:
         raise ValueError(f"a square has 8 symmetries (index 0..7), not index {index}")
-    if index & 4:
-        array = array.swapaxes(0, 1)
-    if index & 2:
-        array = array[::-1]
-    if index & 1:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+    return dihedral(array, _INVERSE_SYMMETRY[index])
 
 
 def jitter_intensity(image, contrast, brightness):

@@ -33,6 +33,8 @@ def predict_views(predict, images, num_views=8):
     if num_views == 8 and images.shape[1] != images.shape[2]:
         raise ValueError(f"8 views turn the image a quarter, which needs a square image, not "
                          f"{images.shape[1]}x{images.shape[2]}; use num_views=4 (the flips alone)")
+    if num_views == 1:
+        return predict(images)   # the plain prediction, with no copies
     total = None
     for index in range(num_views):
         view = np.stack([dihedral(image, index) for image in images])
