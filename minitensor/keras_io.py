@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from .files import ModelFileError
+
 
 def _decode(value):
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
@@ -62,8 +64,6 @@ def read_keras_weights(path, model):
     HDF5 file, a layer of the model absent from the file, or a wrong number of arrays.
     """
     import h5py
-
-    from .model import ModelFileError
 
     path = os.fspath(path)
     if not os.path.exists(path):

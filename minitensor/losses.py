@@ -59,6 +59,10 @@ class Loss:
         self._cache = (y_pred, y_true, sample_weight, num_pixels)
         return float(xp.sum(per_pixel) / num_pixels)
 
+    def clear_cache(self):
+        """Drop the arrays ``forward`` kept for ``backward`` (after an evaluation, they only hold memory)."""
+        self._cache = None
+
     def backward(self):
         """dL/dy_pred = (sample_weight / number_of_pixels)[..., None] * d per_pixel_loss / dy_pred."""
         if self._cache is None:

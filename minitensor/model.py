@@ -22,22 +22,19 @@ all a skip connection asks of backprop.
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 
 import numpy as np
 
 from . import backend, layers as layer_module, losses as loss_module, optimizers as optimizer_module
+from .files import ModelFileError, atomic_savez, read_npz, with_prefix
 from .layers.base import InputLayer, SymbolicTensor
 
 FORMAT_VERSION = 1
 _LAYER_CLASSES = {cls.__name__: cls for cls in (
     layer_module.Conv2D, layer_module.MaxPool2D, layer_module.UpSampling2D, layer_module.Cropping2D,
     layer_module.Concatenate, layer_module.ReLU, layer_module.Softmax, InputLayer)}
-
-
-class ModelFileError(ValueError):
-    """A model or weights file that is missing, corrupt, or does not fit the model."""
 
 
 class _Node:
@@ -233,17 +230,27 @@ class Model:
         return value, use_logits
 
     def train_on_batch(self, x, y, sample_weight=None) -> float:
-        """One step: forward, loss, backward, optimizer update. Returns the loss before the update."""
+        """One step: forward, loss, backward, optimizer update. Returns the loss before the update.
+
+        A NaN or infinite loss is returned without any update, so the caller can stop with the
+        weights of the last good step (reading the loss here is the step's one device-to-host read).
+        """
         if self.optimizer is None:
             raise RuntimeError("call model.compile(optimizer, loss) before train_on_batch")
         value, use_logits = self._loss_and_gradient(x, y, sample_weight)
+        value = float(value)
+        if not math.isfinite(value):   # NaN or inf in a target or weight: no update, the weights stay good
+            self.loss.clear_cache()
+            self.clear_cache()
+            return value
         self.backward(self.loss.backward(), from_logits=use_logits, input_grad=False)
         self.optimizer.step(self.params, self.grads)
-        return float(value)
+        return value
 
     def test_on_batch(self, x, y, sample_weight=None) -> float:
         """The loss on a batch, without changing anything."""
         value, _ = self._loss_and_gradient(x, y, sample_weight)
+        self.loss.clear_cache()
         self.clear_cache()
         return float(value)
 
@@ -251,6 +258,8 @@ class Model:
         """Output probabilities as a NumPy array, whatever the device; x is NumPy (N, H, W, C)."""
         if getattr(x, "ndim", None) == 3:
             raise ValueError(f"predict expects a batch (N, H, W, C), got shape {tuple(x.shape)}; use x[None]")
+        if len(x) == 0:
+            raise ValueError(f"predict got an empty batch (shape {tuple(x.shape)}): give it at least one image")
         outputs = []
         for start in range(0, len(x), batch_size):
             batch = self._to_model_array(x[start:start + batch_size], "x")
@@ -303,22 +312,26 @@ class Model:
         only once complete, so an interrupted save never destroys the previous file.
         ``extra`` is a dict of JSON-able training state (epoch, callbacks, RNG) kept alongside.
         """
-        arrays = dict(self.weights_dict())
-        arrays["config"] = np.array(json.dumps(self.get_config()))
-        if self.optimizer is not None:
-            for key, value in self.optimizer.get_state().items():
-                arrays[f"optimizer/{key}"] = np.asarray(value)
+        optimizer_state = self.optimizer.get_state() if self.optimizer is not None else None
+        atomic_savez(path, self.file_arrays(self.weights_dict(), optimizer_state, extra))
+
+    def file_arrays(self, weights, optimizer_state=None, extra=None):
+        """The arrays of a saved model file: this model's architecture, ``weights`` keyed as
+        ``weights_dict`` keys them, ``optimizer/``-prefixed optimizer state and JSON ``extra``."""
+        arrays = {"config": np.array(json.dumps(self.get_config())), **weights}
+        for key, value in (optimizer_state or {}).items():
+            arrays[f"optimizer/{key}"] = np.asarray(value)
         arrays["extra"] = np.array(json.dumps(extra or {}))
-        atomic_savez(path, arrays)
+        return arrays
 
     def load_weights(self, path):
         """Load the weights of a minitensor ``.npz`` (from ``save``) into this model, checking every shape."""
         data = read_npz(path)
-        self._assign_weights(_with_prefix(data, "weights/"), path)
+        self.assign_weights(with_prefix(data, "weights/"), path)
         return data
 
-    def _assign_weights(self, named, source):
-        """Assign {"layer/weight": array}; all checks happen before anything is changed."""
+    def assign_weights(self, named, source):
+        """Assign {"layer/weight": array} (from ``source``, named in errors); all checks come before any change."""
         new_weights = []
         for layer in self.layers:
             arrays = []
@@ -339,42 +352,7 @@ class Model:
     def load_keras_weights(self, path):
         """Load weights saved by Keras (legacy ``.h5`` or Keras 3 ``.weights.h5``), matched by layer name."""
         from .keras_io import read_keras_weights   # h5py is needed only here
-        self._assign_weights(read_keras_weights(path, self), path)
-
-
-def atomic_savez(path, arrays):
-    """np.savez to a temporary file beside ``path``, then rename: ``path`` is never half-written."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _with_prefix(data, prefix):
-    """The entries of a saved file under ``prefix`` ("weights/", "optimizer/"), keys without it."""
-    return {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
-
-
-def read_npz(path):
-    """Every array of a minitensor ``.npz``, or a ModelFileError that names the problem."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelFileError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable minitensor .npz file (truncated or corrupt?): {exc}") from exc
+        self.assign_weights(read_keras_weights(path, self), path)
 
 
 def model_from_config(config):
@@ -411,8 +389,8 @@ def load_model(path, device="cpu"):
         raise
     except Exception as exc:
         raise ModelFileError(f"{path}: the model architecture in the file cannot be rebuilt: {exc}") from exc
-    model._assign_weights(_with_prefix(data, "weights/"), path)
-    optimizer_state = _with_prefix(data, "optimizer/")
+    model.assign_weights(with_prefix(data, "weights/"), path)
+    optimizer_state = with_prefix(data, "optimizer/")
     if optimizer_state:
         model.optimizer = optimizer_module.Adam()
         model.optimizer.set_state(optimizer_state)

@@ -6,7 +6,7 @@ import minitensor as mt
 from minitensor import Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, Model, UpSampling2D, layers
 from minitensor.gradcheck import check_gradients
 from minitensor.losses import BinaryCrossentropy, SoftmaxCrossEntropy
-from minitensor.model import ModelFileError, atomic_savez
+from minitensor.files import ModelFileError, atomic_savez
 from minitensor.optimizers import Adam
 from unet import small_unet, unet
 
@@ -109,6 +109,35 @@ def test_predict_returns_numpy_probabilities_in_batches():
     assert isinstance(y, np.ndarray) and y.shape == (5, 32, 32, 4) and y.dtype == np.float32
     np.testing.assert_allclose(y.sum(-1), 1, rtol=1e-5)
     np.testing.assert_allclose(model.predict(x[:1]), y[:1], rtol=1e-6)
+
+
+def test_predict_on_an_empty_batch_is_a_clear_error():
+    model = small_unet((32, 32, 3), base_filters=2)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.predict(np.zeros((0, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_loss_changes_no_weight(bad):
+    """NaN or inf targets: the loss is returned, the weights and Adam's state stay those of the last good step."""
+    mt.set_seed(0)
+    model = small_unet((32, 32, 3), base_filters=2).compile(Adam(1e-3), SoftmaxCrossEntropy())
+    train_steps(model, 1)
+    weights, state = model.get_weights(), model.optimizer.get_state()
+    x, y = make_batch(5)
+    y[0, 3, 4, 1] = bad
+    assert not np.isfinite(model.train_on_batch(x, y))
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert model.optimizer.get_state()["iterations"] == state["iterations"]
+    assert np.isfinite(model.train_on_batch(*make_batch(6)))        # and training can go on
+
+
+def test_evaluation_keeps_no_batch_in_the_loss():
+    model = small_unet((32, 32, 3), base_filters=2).compile(Adam(1e-3), SoftmaxCrossEntropy())
+    model.test_on_batch(*make_batch(0))
+    assert model.loss._cache is None
+    assert all(not layer._cache for layer in model.layers if hasattr(layer, "_cache"))
 
 
 def make_batch(seed, shape=(2, 32, 32, 3), classes=4):

@@ -41,7 +41,7 @@ import zipfile
 import cv2 as cv
 import numpy as np
 
-from minitensor.model import atomic_savez
+from minitensor.files import atomic_savez
 
 from .data import NUM_CLASSES, load_mask
 
