@@ -47,7 +47,8 @@ def test_layout_and_counts(dataset):
     assert sorted(os.listdir(dirs.test_images)) == sorted(f"{i}.jpg" for i in range(first_test, NUM_IMAGES))
     assert sorted(os.listdir(dirs.test_masks)) == sorted(f"{i}.png" for i in range(first_test, NUM_IMAGES))
     marker = json.loads((dataset / data.MARKER_FILE).read_text())
-    assert marker == {"num_images": NUM_IMAGES, "num_test": NUM_TEST, "image_size": [SIZE, SIZE], "seed": 0}
+    assert marker == {"num_images": NUM_IMAGES, "num_test": NUM_TEST, "image_size": [SIZE, SIZE], "seed": 0,
+                      "complete": True}
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_path):
@@ -131,12 +132,80 @@ def test_ensure_dataset_uses_a_complete_set_and_regenerates_a_missing_file(datas
 
 def test_other_parameters_are_refused_unless_overwriting(dataset, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
-        data.ensure_dataset(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=1, log=lambda message: None)
+        data.generate_shapes(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=1)
     root = tmp_path / "redo"
     data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     summary = data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=1, overwrite=True)
     assert summary["written"] == NUM_IMAGES
     assert json.loads((root / data.MARKER_FILE).read_text())["seed"] == 1
+
+
+def test_a_generated_folder_is_used_and_completed_with_its_own_seed(tmp_path):
+    """The training seed does not decide which data set a folder may hold: its shapes.json does."""
+    root = tmp_path / "seed0"
+    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    before = all_files(root)
+    os.remove(data.sample_paths(root, 2, NUM_IMAGES, NUM_TEST)[1])
+    messages = []
+    summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=22, log=messages.append)
+    assert summary["written"] == 1 and "seed 0" in messages[0]
+    assert all_files(root) == before                    # the mask redrawn with seed 0, byte for byte
+    with pytest.raises(ValueError, match=f"pass --num-images {NUM_IMAGES} --num-test {NUM_TEST} --image-size {SIZE}"):
+        data.ensure_dataset(root, NUM_IMAGES + 4, SIZE, NUM_TEST, seed=0, log=messages.append)
+
+
+def test_the_users_own_data_is_never_drawn_into(dataset, tmp_path):
+    """Without shapes.json the folder is the user's: a missing image is an error, its mask stays untouched."""
+    root = tmp_path / "mine"
+    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    os.remove(root / data.MARKER_FILE)
+    image_path, mask_path = data.sample_paths(root, 3, NUM_IMAGES, NUM_TEST)
+    os.remove(image_path)
+    cv.imwrite(mask_path, np.full((SIZE, SIZE), 2, np.uint8))      # the user's own mask
+    before = all_files(root)
+    with pytest.raises(DatasetError) as caught:
+        data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+    assert caught.value.problems == [(image_path, "missing")]
+    assert "read as your own data set and nothing is drawn into it" in str(caught.value)
+    assert all_files(root) == before
+    with pytest.raises(ValueError, match="did not write"):
+        data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    assert all_files(root) == before
+    assert data.main(["--out", str(root), "--num-images", str(NUM_IMAGES), "--num-test", str(NUM_TEST)]) == 2
+
+
+def test_an_interrupted_generation_is_completed_not_taken_for_user_data(tmp_path, monkeypatch):
+    root = tmp_path / "interrupted"
+    written = []
+    real_write = data.write_image_atomic
+
+    def write_then_die(path, array):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, array)
+
+    monkeypatch.setattr(data, "write_image_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    monkeypatch.setattr(data, "write_image_atomic", real_write)
+    assert json.loads((root / data.MARKER_FILE).read_text())["complete"] is False
+    summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+    assert summary["kept"] == 2 and summary["written"] == NUM_IMAGES - 2
+    assert json.loads((root / data.MARKER_FILE).read_text())["complete"] is True
+
+
+def test_an_empty_or_new_folder_is_generated(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "empty", tmp_path / "new"):
+        summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+        assert summary["generated"] and summary["written"] == NUM_IMAGES
+
+
+def test_a_long_list_of_problems_is_cut_with_a_count():
+    error = DatasetError([(f"f{i}.jpg", "missing") for i in range(25)])
+    assert len(error.problems) == 25 and "... and 5 more" in str(error) and "f19.jpg" in str(error)
+    assert "f20.jpg" not in str(error)
 
 
 def test_cli_help_and_generation(tmp_path, capsys):

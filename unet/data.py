@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from typing import NamedTuple
 
 import cv2 as cv
@@ -33,6 +34,7 @@ CLASS_NAMES = ("background", "circle", "triangle", "square")
 PALETTE = [[0, 0, 0], [0, 0, 128], [0, 128, 0], [128, 0, 0]]
 
 MARKER_FILE = "shapes.json"
+GENERATOR_KEYS = ("num_images", "num_test", "image_size", "seed")   # what the marker records (and "complete")
 
 # Drawing parameters, for 128x128 images; sizes scale with the image size.
 MAX_SHAPES = 4                 # each image holds 1..MAX_SHAPES shapes
@@ -47,15 +49,21 @@ SUBPIXEL_BITS = 4              # OpenCV draws with coordinates in 1/16 pixel, so
 class DatasetError(ValueError):
     """One or more data set files are missing, unreadable, the wrong size or hold bad labels.
 
-    ``problems`` is a list of ``(path, reason)`` pairs; the message lists every one of them, so a
-    broken data set is fixed in one go instead of one crash at a time.
+    ``problems`` is a list of ``(path, reason)`` pairs; the message lists them (the first SHOWN, then
+    a count), so a broken data set is fixed in one go instead of one crash at a time; ``hint``, a
+    line after them, says what to do.
     """
 
-    def __init__(self, problems):
+    SHOWN = 20   # problems listed in the message; a folder with thousands of missing files gives a count
+
+    def __init__(self, problems, hint=None):
         self.problems = list(problems)
-        lines = [f"  {path}: {reason}" for path, reason in self.problems]
+        lines = [f"  {path}: {reason}" for path, reason in self.problems[:self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
         noun = "file" if len(self.problems) == 1 else "files"
-        super().__init__(f"{len(self.problems)} bad data set {noun}:\n" + "\n".join(lines))
+        super().__init__(f"{len(self.problems)} bad data set {noun}:\n" + "\n".join(lines)
+                         + (f"\n{hint}" if hint else ""))
 
 
 class DatasetDirs(NamedTuple):
@@ -206,17 +214,25 @@ def write_image_atomic(path, array):
 
 
 def _read_marker(root):
+    """The folder's ``shapes.json`` as a dict, or None when there is none."""
     path = os.path.join(os.fspath(root), MARKER_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DatasetError([(path, f"unreadable ({error}); delete it only if this folder was generated")]) from None
+    if not isinstance(marker, dict) or not set(GENERATOR_KEYS) <= set(marker):
+        raise DatasetError([(path, f"not a marker of unet.data (it needs the keys {', '.join(GENERATOR_KEYS)})")])
+    return marker
 
 
-def _write_marker(root, params):
+def _write_marker(root, params, complete):
+    """``complete`` False while files are being drawn: an interrupted run is then still known as ours."""
     path = os.path.join(os.fspath(root), MARKER_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump(params, f, indent=2)
+        json.dump({**params, "complete": complete}, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -230,10 +246,20 @@ def _generator_params(num_images, image_size, num_test, seed):
 def _check_marker(root, params):
     """Refuse to mix files of two different generator settings in one folder."""
     stored = _read_marker(root)
-    if stored is not None and stored != params:
+    if stored is not None and {key: stored[key] for key in GENERATOR_KEYS} != params:
         raise ValueError(
-            f"{root} holds a shape data set generated with {stored}, not {params}; "
+            f"{root} holds a shape data set generated with {_params_text(stored)}, not {_params_text(params)}; "
             "pass overwrite=True (--overwrite) to replace it, or choose another folder")
+
+
+def _params_text(params):
+    height, width = params["image_size"]
+    return (f"{params['num_images']} images ({params['num_test']} test) of {height}x{width} px, "
+            f"seed {params['seed']}")
+
+
+def _holds_anything(root):
+    return os.path.isdir(root) and bool(os.listdir(root))
 
 
 def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0, overwrite=False):
@@ -241,16 +267,19 @@ def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0,
 
     Deterministic: the same arguments give byte-identical files. Without ``overwrite`` the files
     already there are kept (so an interrupted run resumes where it stopped); a folder generated
-    with other parameters is refused rather than mixed. ``shapes.json`` is written last.
+    with other parameters is refused rather than mixed, and so is a folder with files that this
+    module did not write (it has no ``shapes.json``): they are someone's own data. ``shapes.json``
+    is written first, marked incomplete, and marked complete last.
     """
     params = _generator_params(num_images, image_size, num_test, seed)
-    if overwrite:
-        # Drop the marker first: an interrupted overwrite must not look like a complete data set.
-        marker = os.path.join(os.fspath(root), MARKER_FILE)
-        if os.path.exists(marker):
-            os.remove(marker)
-    else:
+    root = os.fspath(root)
+    if not overwrite:
         _check_marker(root, params)
+        if _read_marker(root) is None and _holds_anything(root):
+            raise ValueError(f"{root} holds files that unet.data did not write (there is no {MARKER_FILE}); "
+                             "choose an empty or new folder, or pass overwrite=True (--overwrite) to draw over them")
+    os.makedirs(root, exist_ok=True)
+    _write_marker(root, params, complete=False)
     for folder in dataset_dirs(root):
         os.makedirs(folder, exist_ok=True)
     written = kept = 0
@@ -263,8 +292,8 @@ def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0,
         write_image_atomic(image_path, image)
         write_image_atomic(mask_path, mask)
         written += 1
-    _write_marker(root, params)
-    return {"root": os.fspath(root), **params, "written": written, "kept": kept}
+    _write_marker(root, params, complete=True)
+    return {"root": root, **params, "written": written, "kept": kept}
 
 
 def missing_files(root, num_images=1000, num_test=100):
@@ -274,21 +303,42 @@ def missing_files(root, num_images=1000, num_test=100):
 
 
 def ensure_dataset(root, num_images=1000, image_size=128, num_test=100, seed=0, log=print):
-    """Use the data set in ``root`` if every file is there, else generate what is missing.
+    """Use the data set in ``root``; generate it where ``root`` is new or empty, complete it where
+    ``unet.data`` wrote it (its ``shapes.json``), and never draw into anyone else's data.
 
-    Says which through ``log``. Returns ``generate_shapes``'s summary, or for a data set found
-    complete ``{"root", "num_images", "num_test", "generated": False}``. Files are not opened here:
+    A generated folder is used with its own seed, whatever ``seed`` says (``seed`` only draws a
+    new data set); its sizes must match the ones asked for. A folder without ``shapes.json`` is
+    the user's data set: a missing file is a DatasetError naming it. Says what it does through
+    ``log``. Returns ``generate_shapes``'s summary, or for a data set used as it is
+    ``{"root", "num_images", "num_test", "generated": False}``. Files are not opened here:
     ``check_dataset`` does that.
     """
+    root = os.fspath(root)
     params = _generator_params(num_images, image_size, num_test, seed)
-    _check_marker(root, params)
+    stored = _read_marker(root)
+    if stored is None and not _holds_anything(root):
+        log(f"dataset: generating the shape data set in {root} ({_params_text(params)}) ...")
+        return {**generate_shapes(root, num_images, image_size, num_test, seed), "generated": True}
+    if stored is not None:
+        if any(stored[key] != params[key] for key in ("num_images", "num_test", "image_size")):
+            height, width = stored["image_size"]
+            size = f"{height}" if height == width else f"{height}x{width}"
+            raise ValueError(f"{root} holds a generated data set of {_params_text(stored)} ({MARKER_FILE}); pass "
+                             f"--num-images {stored['num_images']} --num-test {stored['num_test']} --image-size "
+                             f"{size} to use it, or another --data folder for a new one")
+        params = {key: stored[key] for key in GENERATOR_KEYS}
     missing = missing_files(root, num_images, num_test)
-    if not missing:
+    if not missing and (stored is None or stored.get("complete", True)):
         log(f"dataset: using the {num_images} images found in {root}")
-        return {"root": os.fspath(root), "num_images": num_images, "num_test": num_test, "generated": False}
+        return {"root": root, "num_images": num_images, "num_test": num_test, "generated": False}
+    if stored is None:
+        raise DatasetError([(path, "missing") for path in missing],
+                           hint=f"{root} has no {MARKER_FILE}, so it is read as your own data set and nothing is "
+                                f"drawn into it: add the missing files, pass the --num-images and --num-test it "
+                                f"has, or give --data a new folder to generate the shape data set there")
     log(f"dataset: {len(missing)} of {2 * num_images} files missing in {root}; "
-        f"generating the shape data set (seed {seed}, {image_size} px) ...")
-    summary = generate_shapes(root, num_images, image_size, num_test, seed)
+        f"completing the generated data set ({_params_text(stored)}) ...")
+    summary = generate_shapes(root, num_images, image_size, num_test, params["seed"])
     log(f"dataset: wrote {summary['written']} images and masks, kept {summary['kept']}")
     return {**summary, "generated": True}
 
@@ -523,10 +573,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="redraw every file, even those already there")
     args = parser.parse_args(argv)
-    summary = generate_shapes(args.out, args.num_images, args.image_size, args.num_test, args.seed, args.overwrite)
+    try:
+        summary = generate_shapes(args.out, args.num_images, args.image_size, args.num_test, args.seed,
+                                  args.overwrite)
+    except (ValueError, OSError) as error:   # DatasetError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {summary['written']} images and masks to {summary['root']}, kept {summary['kept']} "
           f"({args.num_images - args.num_test} in train_imgs/train_mask, {args.num_test} in test_imgs/test_mask)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
