@@ -6,7 +6,8 @@ import pytest
 
 import train
 from minitensor import Model
-from minitensor.model import read_npz
+from unet import report, trainer
+from minitensor.files import read_npz
 
 TINY = ["--num-images", "24", "--num-val", "4", "--num-test", "4", "--image-size", "32", "--batch-size", "4",
         "--quiet"]
@@ -57,7 +58,7 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch, fl
             trainer.stop.requested = True          # what the Ctrl-C handler does
 
     assert run(tmp_path, "split", "--epochs", "2", *flags, on_batch_end=interrupt) == 130
-    assert not (tmp_path / "split" / "UNet_test_result").exists()
+    assert not (tmp_path / "split" / "UNet_test_result" / "metrics.json").exists()
     assert run(tmp_path, "split", "--epochs", "2", "--resume", *flags) == 0
 
     straight = weights_of(tmp_path / "straight" / "UNet_weight" / "last.npz")
@@ -72,14 +73,16 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path, stop_at_batch, fl
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert run(tmp_path, "none", "--epochs", "1", "--resume") == 1
+    assert run(tmp_path, "none", "--epochs", "1", "--resume") == 2
     assert "no checkpoint at" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert run(tmp_path, "a", "--epochs", "1") == 0
-    assert run(tmp_path, "a", "--epochs", "2", "--resume", "--loss", "softmax-ce") == 1
-    assert "was written by a run with settings" in capsys.readouterr().err
+    assert run(tmp_path, "a", "--epochs", "2", "--resume", "--loss", "softmax-ce", "--batch-size", "2") == 2
+    err = capsys.readouterr().err
+    assert "was written by a run with other settings" in err
+    assert "--loss 'bce-logits' there, 'softmax-ce' here" in err and "--batch-size 4 there, 2 here" in err
 
 
 def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path, monkeypatch, capsys):
@@ -87,8 +90,8 @@ def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path,
     checkpoint = tmp_path / "done" / "UNet_weight" / "last.npz"
     before = checkpoint.read_bytes()
     views = []
-    real_predict = train.predict_views
-    monkeypatch.setattr(train, "predict_views", lambda f, x, n: views.append(n) or real_predict(f, x, n))
+    real_predict = report.predict_views
+    monkeypatch.setattr(report, "predict_views", lambda f, x, n: views.append(n) or real_predict(f, x, n))
     monkeypatch.setattr(Model, "train_on_batch", lambda *args, **kwargs: pytest.fail("a finished run trained again"))
     assert run(tmp_path, "done", "--epochs", "1", "--resume", "--tta") == 0
     assert "training finished after epoch 1; predicting" in capsys.readouterr().out
@@ -100,7 +103,7 @@ def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path,
 
 def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
     assert run(tmp_path, "two", "--epochs", "2") == 0
-    assert run(tmp_path, "two", "--epochs", "1", "--resume") == 1
+    assert run(tmp_path, "two", "--epochs", "1", "--resume") == 2
     assert "has trained 2 epochs, more than --epochs 1; pass --epochs 2 or more" in capsys.readouterr().err
 
 
@@ -148,8 +151,8 @@ def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
 @pytest.mark.parametrize("choice", ["dataset", "none"])
 def test_class_weights_choice_reaches_the_weight_maps(tmp_path, choice, monkeypatch):
     seen = []
-    original = train.batch_weights
-    monkeypatch.setattr(train, "batch_weights", lambda *a, **k: seen.append(k["class_weights"]) or original(*a, **k))
+    original = trainer.batch_weights
+    monkeypatch.setattr(trainer, "batch_weights", lambda *a, **k: seen.append(k["class_weights"]) or original(*a, **k))
     assert run(tmp_path, choice, "--epochs", "1", "--loss", "weighted", "--class-weights", choice) == 0
     assert seen and all(w is not None for w in seen)
     if choice == "none":

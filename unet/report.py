@@ -1,14 +1,39 @@
-"""What a training run leaves behind for a person to read: history.csv, training.png, predictions.png."""
+"""What a training run leaves behind for a person to read: the test set's colored masks, metrics.json,
+history.csv, training.png and predictions.png."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
+import tempfile
 
 import numpy as np
 
-from .data import PALETTE, colorize_mask
+from .data import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize_mask, load_mask, read_bgr, write_image_atomic
+from .metrics import format_scores, score_mask_files
+from .tiling import crop_output, fit_to_model
+from .tta import predict_views
 
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "lr", "seconds", "images_per_second")
+
+
+class OutputFolderError(ValueError):
+    """An output folder that is a file or cannot be written; the message names the flag and the fix."""
+
+
+def check_writable_folder(folder, flag):
+    """Make ``folder`` if needed and write a file there now, so that a bad output folder fails
+    before hours of work instead of after them."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputFolderError(f"{flag} {folder}: is a file, not a folder; give a folder path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputFolderError(f"{flag} {folder}: cannot write there ({error.strerror or error}); "
+                                f"give a folder you can write to") from None
 
 
 def write_history_csv(path, history):
@@ -76,3 +101,61 @@ def write_text_atomic(path, text):
     with open(temporary, "w") as f:
         f.write(text)
     os.replace(temporary, path)
+
+
+def json_text(value):
+    """``json.dumps`` that writes NaN (a score of a class absent from truth and prediction) as null,
+    so the file is valid JSON for every reader."""
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
+
+
+def predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta=False):
+    """Colored masks of every test image into ``results_dir``; returns (BGR images, label maps)."""
+    def predict(images):
+        (inputs,) = fit_to_model(model, images)
+        return crop_output(model.predict(inputs, batch_size=batch_size), images.shape[1])
+
+    images_bgr, predictions = [], []
+    for start in range(0, len(test_ids), batch_size):
+        ids = test_ids[start:start + batch_size]
+        batch = np.stack([read_bgr(os.path.join(dirs.test_images, f"{i}.jpg")) for i in ids])
+        probabilities = predict_views(predict, batch.astype(np.float32) / 127.5 - 1, 8 if tta else 1)
+        labels = probabilities.argmax(axis=-1)
+        for index, label_map in zip(ids, labels):
+            write_image_atomic(os.path.join(results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))
+        images_bgr.extend(batch)
+        predictions.extend(labels)
+    return images_bgr, predictions
+
+
+def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=False, log=print):
+    """Everything a finished run leaves in ``results_dir``: masks, metrics.json (scored from the mask
+    files), history.csv, training.png, predictions.png. Returns the scores (None without test images)."""
+    os.makedirs(results_dir, exist_ok=True)
+    write_history_csv(os.path.join(results_dir, "history.csv"), history)
+    if history:
+        plot_history(os.path.join(results_dir, "training.png"), history)
+    if not test_ids:
+        log(f"no test images (--num-test 0): wrote history.csv and training.png to {results_dir}, no predictions")
+        return None
+    images, predictions = predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta)
+    scores = score_mask_files(dirs.test_masks, results_dir, test_ids, NUM_CLASSES, palette=PALETTE)
+    log(f"Test set (from the files in {results_dir} against {dirs.test_masks}):")
+    log(format_scores(scores, CLASS_NAMES))
+    write_text_atomic(os.path.join(results_dir, "metrics.json"), json_text(scores))
+    shown = min(4, len(test_ids))
+    truths = [load_mask(os.path.join(dirs.test_masks, f"{i}.png"), NUM_CLASSES) for i in test_ids[:shown]]
+    plot_predictions(os.path.join(results_dir, "predictions.png"), images[:shown], truths, predictions[:shown],
+                     [f"test image {i}" for i in test_ids[:shown]])
+    log(f"wrote {len(test_ids)} colored masks, metrics.json, history.csv, training.png and predictions.png "
+        f"to {results_dir}")
+    return scores

@@ -83,20 +83,64 @@ def tile_geometry(model, overlap=None):
     return _axis_tiling(in_h, out_h, pool_h, overlap), _axis_tiling(in_w, out_w, pool_w, overlap)
 
 
+def mirror(array, rows, cols, axis=0):
+    """Mirror-pad axis ``axis`` (height) by ``rows`` = (before, after) pixels and axis ``axis + 1``
+    (width) by ``cols``. The project's one mirroring (see the module doc): training and tiled
+    prediction both use it, so a model is trained on the borders it predicts with."""
+    padding = [(0, 0)] * array.ndim
+    padding[axis], padding[axis + 1] = tuple(rows), tuple(cols)
+    return np.pad(array, padding, mode="reflect")
+
+
 def mirror_pad(image, rows, cols, num_rows, num_cols):
     """Mirror ``image`` (H, W, C) into the canvas that ``num_rows`` x ``num_cols`` tiles read:
     ``context`` pixels in front, enough behind for the last tile. Returns (H', W', C)."""
     height, width = image.shape[:2]
     padding = [(axis.context, (count - 1) * axis.step + axis.tile - axis.context - size)
                for axis, count, size in ((rows, num_rows, height), (cols, num_cols, width))]
-    return np.pad(image, padding + [(0, 0)], mode="reflect")
+    return mirror(image, *padding)
 
 
-def predict_tiled(model, image, batch_size=4, overlap=None):
+def _centred(size, target):
+    before = (target - size) // 2
+    return before, target - size - before
+
+
+def fit_to_model(model, images, *targets):
+    """Mirror-pad a batch of images (N, H, W, C), and per-pixel targets (masks, weights), so that the
+    model's output covers the image.
+
+    small_unet keeps the size, so nothing changes. The original unet's 'valid' convolutions lose
+    a margin, so, as in the paper, the missing context is supplied by mirroring the border; the
+    targets are mirrored too, to the output's size. None targets stay None.
+    """
+    in_size, out_size = model.input_shape[1], model.output_shape[1]
+    size = images.shape[1]
+    if in_size == size:
+        return (images, *targets)
+    image_pad, target_pad = _centred(size, in_size), _centred(size, out_size)
+    return (mirror(images, image_pad, image_pad, axis=1),
+            *(None if t is None else mirror(t, target_pad, target_pad, axis=1) for t in targets))
+
+
+def crop_output(probabilities, size):
+    """The centre ``size`` x ``size`` of a batch of outputs (N, H', W', K): the image's own pixels."""
+    start = (probabilities.shape[1] - size) // 2
+    return probabilities[:, start:start + size, start:start + size]
+
+
+def tile_grid(model, height, width, overlap=None):
+    """``(num_rows, num_cols)``: the tiles that cover a ``height`` x ``width`` image."""
+    rows, cols = tile_geometry(model, overlap)
+    return math.ceil(height / rows.step), math.ceil(width / cols.step)
+
+
+def predict_tiled(model, image, batch_size=4, overlap=None, progress=None):
     """Class probabilities (H, W, num_classes) for one image (H, W, C) of any size.
 
     ``image`` is already normalised as in training (float, [-1, 1] for the Shape data). The
-    tiles run through ``model.predict`` ``batch_size`` at a time, on the model's device.
+    tiles run through ``model.predict`` ``batch_size`` at a time, on the model's device;
+    ``progress(n)``, if given, is called with the number of tiles of each batch done.
     """
     image = np.asarray(image)
     channels = model.input_shape[-1]
@@ -104,7 +148,7 @@ def predict_tiled(model, image, batch_size=4, overlap=None):
         raise ValueError(f"the model takes images of shape (H, W, {channels}), got {image.shape}")
     rows, cols = tile_geometry(model, overlap)
     height, width = image.shape[:2]
-    num_rows, num_cols = math.ceil(height / rows.step), math.ceil(width / cols.step)
+    num_rows, num_cols = tile_grid(model, height, width, overlap)
     canvas = mirror_pad(image, rows, cols, num_rows, num_cols)
     # Tile (r, c) reads the canvas from (r * step, c * step); its kept output lands at the same
     # place in the stitched map, because the canvas starts ``context`` pixels before the image.
@@ -116,4 +160,6 @@ def predict_tiled(model, image, batch_size=4, overlap=None):
         for (y, x), output in zip(batch, model.predict(tiles, batch_size)):
             stitched[y:y + rows.step, x:x + cols.step] = output[rows.discard:rows.discard + rows.step,
                                                                 cols.discard:cols.discard + cols.step]
+        if progress is not None:
+            progress(len(batch))
     return stitched[:height, :width]
