@@ -25,7 +25,8 @@ import numpy as np
 import minitensor
 from minitensor import backend
 from unet.data import PALETTE, colorize_mask
-from unet.tiling import predict_tiled, tile_geometry
+from unet.report import check_writable_folder
+from unet.tiling import predict_tiled, tile_geometry, tile_grid
 from unet.tta import predict_views
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -73,8 +74,16 @@ def list_images(path):
     return images
 
 
+# Channel conversions as training's cv.imread(IMREAD_COLOR) makes them: gray replicated to BGR, alpha dropped.
+CONVERSIONS = {(1, 3): cv.COLOR_GRAY2BGR, (4, 3): cv.COLOR_BGRA2BGR, (3, 1): cv.COLOR_BGR2GRAY,
+               (4, 1): cv.COLOR_BGRA2GRAY}
+
+
 def read_image(path, channels):
-    """An 8-bit image file as float32 (H, W, channels) in [-1, 1], or a PredictError saying why not."""
+    """An 8-bit image file as float32 (H, W, channels) in [-1, 1], or a PredictError saying why not.
+
+    Gray and BGRA files are converted to the model's channels as training reads them.
+    """
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as error:
@@ -86,9 +95,11 @@ def read_image(path, channels):
         raise PredictError(f"{path}: {image.dtype} pixels; the model was trained on 8-bit images")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.shape[2] != channels:
-        raise PredictError(f"{path}: {image.shape[2]} channel(s), but the model takes {channels} "
-                           f"({'BGR' if channels == 3 else 'gray' if channels == 1 else 'channels'}); convert it first")
+    found = image.shape[2]
+    if found != channels:
+        if (found, channels) not in CONVERSIONS:
+            raise PredictError(f"{path}: {found} channel(s), but the model takes {channels}; convert it first")
+        image = cv.cvtColor(image, CONVERSIONS[found, channels]).reshape(*image.shape[:2], channels)
     return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
@@ -101,18 +112,24 @@ def output_paths(images, out_dir):
     return outputs
 
 
-def segment(model, image_path, out_path, palette, batch_size=4, overlap=None, tta=False):
+def segment(model, image_path, out_path, palette, batch_size=4, overlap=None, tta=False, quiet=False):
     """Predict one image file and write its colored mask; returns the mask's (H, W).
 
     With ``tta`` the image is also predicted flipped (and, if square, turned) and the views averaged.
+    A progress bar on stderr counts the tiles of an image that needs more than one batch of them.
     """
+    from tqdm import tqdm
+
     image = read_image(image_path, model.input_shape[-1])
-
-    def predict(images):
-        return np.stack([predict_tiled(model, view, batch_size, overlap) for view in images])
-
     num_views = (8 if image.shape[0] == image.shape[1] else 4) if tta else 1
-    labels = predict_views(predict, image[None], num_views)[0].argmax(axis=-1)
+    num_rows, num_cols = tile_grid(model, *image.shape[:2], overlap)
+    total = num_views * num_rows * num_cols
+    with tqdm(total=total, desc=os.path.basename(image_path), unit="tile", leave=False,
+              disable=quiet or total <= batch_size) as bar:
+        def predict(images):
+            return np.stack([predict_tiled(model, view, batch_size, overlap, progress=bar.update) for view in images])
+
+        labels = predict_views(predict, image[None], num_views)[0].argmax(axis=-1)
     if not cv.imwrite(out_path, colorize_mask(labels, palette)):
         raise PredictError(f"{out_path}: OpenCV could not write it")
     return labels.shape
@@ -132,7 +149,13 @@ def parse_args(argv=None):
                              "models, an eighth of the tile for 'same' ones)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the image's flips (and quarter turns, if square): 4 or 8 times the work")
-    return parser.parse_args(argv)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar for images of many tiles")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.overlap is not None and args.overlap < 0:
+        parser.error("--overlap must be 0 or more")
+    return args
 
 
 def main(argv=None):
@@ -143,16 +166,16 @@ def main(argv=None):
         tile_geometry(model, args.overlap)   # a bad --overlap fails here, not once per image
         images = list_images(args.input)
         outputs = output_paths(images, args.out)
-    except (PredictError, minitensor.ModelFileError, RuntimeError, ValueError) as error:
+        check_writable_folder(args.out, "--out")
+    except (PredictError, minitensor.ModelFileError, RuntimeError, ValueError) as error:   # OutputFolderError too
         print(f"error: {error}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
     palette = extended_palette(model.output_shape[-1])
     failures = 0
     for image_path, out_path in zip(images, outputs):
         try:
             height, width = segment(model, image_path, out_path, palette, args.batch_size, args.overlap,
-                                    args.tta)
+                                    args.tta, args.quiet)
         except PredictError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1

@@ -151,13 +151,13 @@ def test_predict_errors(saved_model, tmp_path, capsys):
     assert "missing.npz: no such file" in capsys.readouterr().err
     assert predict.main([saved_model, str(tmp_path / "nothing"), "--out", out]) == 2
     assert "no such file or folder" in capsys.readouterr().err
-    broken, gray = tmp_path / "broken.png", tmp_path / "gray.png"
+    broken, deep = tmp_path / "broken.png", tmp_path / "deep.png"
     broken.write_bytes(b"\x89PNG but not really")
-    cv.imwrite(str(gray), np.zeros((20, 20), np.uint8))
+    cv.imwrite(str(deep), np.zeros((20, 20, 3), np.uint16))
     assert predict.main([saved_model, str(broken), "--out", out]) == 1
     assert "broken.png: not an image" in capsys.readouterr().err
-    assert predict.main([saved_model, str(gray), "--out", out]) == 1
-    assert "1 channel(s), but the model takes 3" in capsys.readouterr().err
+    assert predict.main([saved_model, str(deep), "--out", out]) == 1
+    assert "deep.png: uint16 pixels; the model was trained on 8-bit images" in capsys.readouterr().err
 
 
 def test_extended_palette_is_distinct_and_keeps_the_seeds_colors():
