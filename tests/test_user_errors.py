@@ -9,7 +9,6 @@ import cv2 as cv
 import numpy as np
 import pytest
 
-import predict
 import train
 from minitensor import Model, set_seed
 from minitensor.files import read_npz
@@ -176,52 +175,6 @@ def test_a_nan_validation_loss_stops_without_saving(tmp_path, shape_data, monkey
     assert run(tmp_path, shape_data, "--epochs", "3") == 1
     assert "the validation loss became nan after epoch 1" in capsys.readouterr().err
     assert not list((tmp_path / "w").glob("*.npz"))
-
-
-# ----- predict.py -----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    set_seed(3)
-    path = tmp_path_factory.mktemp("model") / "small.npz"
-    small_unet((32, 32, 3), base_filters=2).save(path)
-    return str(path)
-
-
-def test_predict_out_that_is_a_file_is_refused(saved_model, tmp_path):
-    image, out = tmp_path / "a.png", tmp_path / "out.png"
-    cv.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
-    out.write_bytes(b"the user's file")
-    code, _, err = cli("predict.py", saved_model, image, "--out", out)
-    assert code == 2 and "Traceback" not in err and f"--out {out}: is a file, not a folder" in err
-    assert out.read_bytes() == b"the user's file"
-
-
-@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be at least 1"),
-                                           (["--overlap", "-3"], "--overlap must be 0 or more")])
-def test_predict_refuses_impossible_settings(flags, message, capsys):
-    with pytest.raises(SystemExit) as caught:
-        predict.parse_args(["m.npz", "in", "--out", "o", *flags])
-    assert caught.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_predict_reads_gray_and_rgba_images_as_training_does(saved_model, tmp_path):
-    gray = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
-    bgr = cv.cvtColor(gray, cv.COLOR_GRAY2BGR)
-    bgra = np.dstack([bgr, np.full(gray.shape, 77, np.uint8)])
-    for name, image in (("gray", gray), ("bgra", bgra), ("bgr", bgr)):
-        cv.imwrite(str(tmp_path / f"{name}.png"), image)
-        assert predict.main([saved_model, str(tmp_path / f"{name}.png"), "--out", str(tmp_path / "out")]) == 0
-    masks = [cv.imread(str(tmp_path / "out" / f"{name}.png")) for name in ("gray", "bgra", "bgr")]
-    np.testing.assert_array_equal(masks[0], masks[2])
-    np.testing.assert_array_equal(masks[1], masks[2])
-
-
-def test_predict_shows_progress_over_the_tiles_of_a_large_image(saved_model, tmp_path, capsys):
-    cv.imwrite(str(tmp_path / "big.png"), np.zeros((100, 130, 3), np.uint8))
-    assert predict.main([saved_model, str(tmp_path / "big.png"), "--out", str(tmp_path / "o"), "--batch-size", "2"]) == 0
-    err = capsys.readouterr().err
-    assert "big.png" in err and "tile" in err                         # 4 x 6 tiles of 24 px kept
 
 
 # ----- one mirror for training and prediction -------------------------------------------------------------------
