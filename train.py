@@ -65,7 +65,6 @@ AUGMENTERS = {
 }
 
 
-
 class UsageError(RuntimeError):
     """A setting, file or folder of the user's that cannot be used; the message says what to change."""
 
@@ -206,7 +205,8 @@ def main(argv=None, on_batch_end=None):
     except RuntimeError as error:
         print(f"error: --device {args.device}: {error}", file=sys.stderr)
         return 2
-    print(f"device: {device}" + (" (no usable GPU found)" if args.device == "auto" and device == "cpu" else ""))
+    print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if args.device == "auto" and device == "cpu"
+                                 else ""))
     try:
         trainer, test_ids, dirs = prepare(args)
         trainer.model.to(device)

@@ -45,27 +45,88 @@ def cupy_module():
     return cupy
 
 
-def is_gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
+_gpu_status = None    # (usable, reason) once gpu_status() has probed the GPU in this process
+
+# The probe: compiled by NVRTC and launched like the engine's own kernels (kernels/gpu.py).
+_PROBE_SOURCE = r"""
+extern "C" __global__ void minitensor_probe(float* x, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = 2.0f * x[i] + 1.0f;
+}
+"""
+
+
+def gpu_status():
+    """``(usable, reason)``: whether the GPU really works here, decided once per process.
+
+    Counting devices is not enough: where NVRTC (which compiles the kernels) or cuBLAS (the
+    matrix products) cannot be loaded, CuPy still sees the device and training would fail
+    inside its first batch. So the GPU counts as usable only after a tiny kernel was compiled
+    and run and a cuBLAS GEMM gave the right numbers. ``reason`` is "" when usable, else one
+    sentence naming what failed and what to install.
+    """
+    global _gpu_status
+    if _gpu_status is None:
+        _gpu_status = _probe_gpu()
+    return _gpu_status
+
+
+def _probe_gpu():
     cupy = _import_cupy()
     if cupy is None:
-        return False
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-def require_gpu():
-    """Return cupy, or raise RuntimeError if CuPy is missing or sees no CUDA device."""
-    cupy = cupy_module()
+        return False, f"CuPy could not be imported ({_cupy_error}); {_INSTALL_HINT}"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        raise RuntimeError(f"CuPy is installed but no CUDA device can be used ({exc}); {_INSTALL_HINT}") from exc
+        return False, f"CuPy is installed but no CUDA driver or device can be used ({exc}); {_INSTALL_HINT}"
     if count == 0:
-        raise RuntimeError(f"CuPy is installed but sees no CUDA device; {_INSTALL_HINT}")
-    return cupy
+        return False, f"CuPy is installed but sees no CUDA device; {_INSTALL_HINT}"
+    try:
+        x = cupy.asarray(np.arange(4, dtype=np.float32))
+        cupy.RawKernel(_PROBE_SOURCE, "minitensor_probe")((1,), (32,), (x, np.int32(4)))
+        kernel_ok = x.get().tolist() == [1.0, 3.0, 5.0, 7.0]
+    except Exception as exc:
+        return False, (f"CUDA kernels cannot be compiled or run: NVRTC or the driver failed ({type(exc).__name__}: "
+                       f"{exc}); install the CUDA 12 toolkit (it brings NVRTC) or a CuPy build for this "
+                       f"machine's CUDA, or use the CPU (--device cpu)")
+    if not kernel_ok:
+        return False, "a test kernel ran but gave wrong numbers: the GPU or its driver is not usable (--device cpu)"
+    try:
+        a = cupy.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+        gemm_ok = (a @ a.T).get().tolist() == [[5.0, 14.0], [14.0, 50.0]]
+    except Exception as exc:
+        return False, (f"cuBLAS cannot run a matrix product ({type(exc).__name__}: {exc}); install the CUDA 12 "
+                       f"toolkit (it brings cuBLAS), or use the CPU (--device cpu)")
+    if not gemm_ok:
+        return False, "a cuBLAS matrix product gave wrong numbers: the GPU is not usable (--device cpu)"
+    return True, ""
+
+
+def is_gpu_available() -> bool:
+    """True when a GPU really works: CuPy imports, sees a device, compiles and runs a kernel and a GEMM."""
+    return gpu_status()[0]
+
+
+def require_gpu():
+    """Return cupy, or raise RuntimeError naming what is missing (see ``gpu_status``)."""
+    usable, reason = gpu_status()
+    if not usable:
+        raise RuntimeError(reason)
+    return _cupy
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let cuBLAS run float32 matrix products on TF32 tensor cores (10-bit mantissa inputs,
+    float32 sums), or not. Off by default: strict float32, what the tests and TensorFlow
+    comparisons assume. It sets CuPy's float32 compute type for the current device (what
+    CUPY_TF32=1 sets at import), so it applies to every GEMM after the call; GPUs older than
+    Ampere keep strict float32.
+    """
+    require_gpu()
+    from cupy._core import _routines_linalg as linalg   # CuPy's switch behind CUPY_TF32 (13.x and 14.x)
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
 
 
 def _is_cupy_array(x) -> bool:
@@ -129,7 +190,7 @@ def to_numpy(x):
 
 
 def resolve_device(name: str) -> str:
-    """Turn "auto" into "gpu" when a GPU is usable, else "cpu"; check "gpu" is usable."""
+    """Turn "auto" into "gpu" when a GPU is usable, else "cpu" (``gpu_status()[1]`` says why); check "gpu" is usable."""
     if str(name).lower() == "auto":
         return GPU if is_gpu_available() else CPU
     device = check_device(name)

@@ -1,5 +1,6 @@
-"""Shared fixtures: TensorFlow imported once (quietly), the GPU skip, small helpers."""
+"""Shared fixtures: TensorFlow imported once (quietly), where the GPU tests run, small helpers."""
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # oneDNN reorders float sums; keep TF's reference kernels
@@ -26,12 +27,28 @@ def keras(tf):
 
 
 def pytest_collection_modifyitems(config, items):
-    if backend.is_gpu_available():
+    """``gpu`` tests run on the real GPU where one is usable, else on the CPU stand-in for CuPy
+    (tests/cupy_standin.py, which needs g++ for the CUDA kernels); only without either are they skipped."""
+    if backend.is_gpu_available() or shutil.which("g++"):
         return
-    skip = pytest.mark.skip(reason="no CUDA GPU with CuPy on this machine")
+    skip = pytest.mark.skip(reason=f"no usable GPU ({backend.gpu_status()[1]}) and no g++ for the CPU stand-in")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def gpu_backend(request, monkeypatch):
+    """For a ``gpu`` test on a machine without a usable GPU: CuPy is the strict CPU stand-in."""
+    if request.node.get_closest_marker("gpu") is None or backend.is_gpu_available():
+        yield None
+        return
+    import cupy_standin
+    from minitensor.kernels import gpu
+
+    yield cupy_standin.install(monkeypatch)
+    gpu._module.cache_clear()     # the stand-in's compiled modules must not outlive it
+    gpu._kernel.cache_clear()
 
 
 def rel_error(actual, expected):

@@ -352,9 +352,6 @@ def test_gpu_sources_compile_with_nvcc(c_type, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-needs_gpu = pytest.mark.skipif(not backend.is_gpu_available(), reason="needs CuPy and a CUDA GPU")
-
-
 def on_gpu(function, *args):
     """Call ``function`` with every NumPy argument moved to the GPU; results come back as NumPy."""
     cupy = backend.cupy_module()
@@ -365,7 +362,6 @@ def on_gpu(function, *args):
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gpu_im2col_col2im_match_reference(case, dtype):
@@ -379,7 +375,6 @@ def test_gpu_im2col_col2im_match_reference(case, dtype):
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gpu_maxpool_matches_reference(case, dtype):
@@ -396,7 +391,6 @@ def test_gpu_maxpool_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, h, w, c, sh, sw", [(1, 3, 5, 1, 2, 2), (2, 4, 3, 3, 2, 3), (2, 2, 2, 5, 1, 1)])
 def test_gpu_upsample_matches_reference(n, h, w, c, sh, sw, dtype):
@@ -409,7 +403,6 @@ def test_gpu_upsample_matches_reference(n, h, w, c, sh, sw, dtype):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_gpu_dispatch_and_mixed_devices(fast_kernels):
     cupy = backend.cupy_module()
     x = np.zeros((1, 2, 2, 1), dtype=np.float32)

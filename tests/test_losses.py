@@ -225,7 +225,6 @@ def test_probabilities_of_exactly_0_and_1_give_finite_loss_and_zero_gradient(mak
 # ----- dtypes, devices, errors, get() ----------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backend.is_gpu_available(), reason="needs CuPy and a CUDA GPU")
 @pytest.mark.parametrize("name", LOSSES)
 def test_gpu_matches_cpu(name):
     make_loss, prediction_kind, _ = LOSSES[name]

@@ -146,7 +146,6 @@ def test_set_state_onto_a_device_now():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backend.is_gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_gpu_steps_match_cpu_and_state_moves_between_devices():
     rng = np.random.default_rng(7)
     cpu_params = make_params(rng, np.float32)

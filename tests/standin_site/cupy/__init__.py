@@ -1,0 +1,13 @@
+"""``import cupy`` answered by the CPU stand-in (tests/cupy_standin.py), for whole programs.
+
+Put this folder and tests/ on PYTHONPATH (``bench/gpu_check.sh`` does, with GPU_CHECK_DRY_RUN=1)
+and ``python train.py --device gpu`` runs its GPU path on the CPU, strictly: nothing in
+minitensor knows. Test-only code; pytest installs the stand-in by itself (tests/conftest.py).
+"""
+import sys
+
+import cupy_standin
+
+sys.modules[__name__] = cupy_standin
+sys.modules[__name__ + "._core"] = cupy_standin._core
+sys.modules[__name__ + "._core._routines_linalg"] = cupy_standin._linalg
