@@ -280,10 +280,6 @@ def main(argv=None):
     }
     if args.profile and "minitensor" not in args.engines:
         print("--profile profiles minitensor: add it to --engines", file=sys.stderr)
-    if args.tf32 and "minitensor" in args.engines:
-        import minitensor.backend as mt_backend
-        if not hasattr(mt_backend, "set_tf32"):
-            print("minitensor: --tf32 not supported, ignored", flush=True)
     for workload in workloads:
         for engine in args.engines:
             if not engine_installed(engine):

@@ -91,15 +91,14 @@ def setup_minitensor(workload, args, x, y, info):
         info["numpy_blas"] = np.show_config(mode="dicts")["Build Dependencies"]["blas"].get("name")
     except Exception:
         pass
-    if args.tf32:
-        if hasattr(backend, "set_tf32"):
-            backend.set_tf32(True)
-            info["notes"].append("tf32 on (minitensor.backend.set_tf32)")
-        else:
-            info["notes"].append("minitensor: --tf32 not supported, ignored")
     device = "gpu" if args.device == "gpu" else "cpu"
     if device == "gpu" and not backend.is_gpu_available():
-        raise Unavailable("CuPy with a CUDA device is not available")
+        raise Unavailable(f"no usable GPU: {backend.gpu_status()[1]}")
+    if device == "gpu":
+        backend.set_tf32(bool(args.tf32))
+        info["notes"].append(f"tf32 {'on' if args.tf32 else 'off'} (minitensor.backend.set_tf32)")
+    elif args.tf32:
+        info["notes"].append("--tf32 applies to the GPU only")
     minitensor.set_seed(0)
     build = unet.small_unet if workload.model == "small_unet" else unet.unet
     model = build(input_shape=workload.input_shape, num_classes=workload.num_classes)

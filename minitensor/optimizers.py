@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import device_of, get_array_module, to_device, to_numpy
 
 
@@ -80,22 +81,11 @@ class Adam:
             self._velocities = [None] * len(params)
         t = self.iterations + 1
         for index, (param, grad) in enumerate(zip(params, grads)):
-            xp = get_array_module(param, grad)
             m, v = self._moments(index, param)
-            # Two temporaries the size of the parameter (Keras's rounding order needs the
-            # numerator and the denominator at once); everything else is updated in place.
-            scratch = xp.subtract(grad, m)
-            scratch *= 1 - self.beta_1
-            m += scratch
-            xp.square(grad, out=scratch)
-            scratch -= v
-            scratch *= 1 - self.beta_2
-            v += scratch
-            step = xp.multiply(m, self._step_size(param.dtype, t), out=scratch)
-            denominator = xp.sqrt(v)
-            denominator += self.epsilon
-            step /= denominator
-            param -= step
+            scalar = param.dtype.type
+            # One call per parameter: on the GPU a single fused kernel (kernels/gpu.py).
+            kernels.adam_update(param, grad, m, v, self._step_size(param.dtype, t), scalar(1 - self.beta_1),
+                                scalar(1 - self.beta_2), scalar(self.epsilon))
         self.iterations = t
 
     def _step_size(self, dtype, t):

@@ -1,4 +1,4 @@
-"""The hot kernels of minitensor: im2col/col2im for convolution, max pooling, upsampling.
+"""The hot kernels of minitensor: im2col/col2im for convolution, max pooling, upsampling, Adam's step.
 
 Each kernel exists three times with one signature (docs/CONTRACTS.md):
 
@@ -22,7 +22,7 @@ import numpy as np
 from minitensor.backend import get_array_module
 from minitensor.kernels import cpu, gpu, reference
 
-__all__ = ["col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels", "upsample_backward",
+__all__ = ["adam_update", "col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels", "upsample_backward",
            "upsample_forward", "use_reference", "using_reference"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -162,3 +162,15 @@ def upsample_backward(dy, sh, sw):
     if dy.shape[1] % sh or dy.shape[2] % sw:
         raise ValueError(f"dy of shape {tuple(dy.shape)} is not made of whole {sh}x{sw} blocks")
     return _implementation(dy).upsample_backward(dy, sh, sw)
+
+
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """Adam's step for one parameter, in place. See reference.adam_update.
+
+    NumPy arrays take the reference (already one vectorised pass per operation, with no
+    launch cost to save); CuPy arrays the fused CUDA kernel.
+    """
+    module = _implementation(param, grad, m, v)
+    if module is cpu:
+        module = reference
+    module.adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon)

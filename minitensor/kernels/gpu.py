@@ -197,7 +197,29 @@ extern "C" __global__ void upsample_backward(const scalar_t* dy, scalar_t* dx,
 }
 """
 
-_KERNELS = (_IM2COL, _COL2IM, _MAXPOOL_FORWARD, _MAXPOOL_BACKWARD, _UPSAMPLE_FORWARD, _UPSAMPLE_BACKWARD)
+_ADAM_UPDATE = r"""
+// One thread per element of a parameter: Keras's Adam step, the operations of reference.adam_update
+// in the same order. The module is compiled with --fmad=false, so that no a*b+c is contracted into
+// one rounding: every element gets the bits the NumPy twin gives.
+extern "C" __global__ void adam_update(scalar_t* param, const scalar_t* grad, scalar_t* m, scalar_t* v,
+                                       scalar_t step_size, scalar_t one_minus_beta_1, scalar_t one_minus_beta_2,
+                                       scalar_t epsilon, long long size)
+{
+    const long long idx = thread_index();
+    if (idx >= size) return;
+    const scalar_t g = grad[idx];
+    const scalar_t m_new = m[idx] + (g - m[idx]) * one_minus_beta_1;
+    const scalar_t v_new = v[idx] + (g * g - v[idx]) * one_minus_beta_2;
+    m[idx] = m_new;
+    v[idx] = v_new;
+    param[idx] = param[idx] - (m_new * step_size) / (sqrt(v_new) + epsilon);
+}
+"""
+
+_KERNELS = (_IM2COL, _COL2IM, _MAXPOOL_FORWARD, _MAXPOOL_BACKWARD, _UPSAMPLE_FORWARD, _UPSAMPLE_BACKWARD,
+            _ADAM_UPDATE)
+# No multiply-add contraction (see adam_update); the other kernels do no float multiply-adds at all.
+_NVRTC_OPTIONS = ("--fmad=false",)
 
 # -infinity without <math.h> (NVRTC compiles without the C library headers): the IEEE bits of +inf.
 _NEGATIVE_INFINITY = {
@@ -220,7 +242,7 @@ def cuda_sources() -> dict[str, str]:
 @functools.cache
 def _module(c_type: str):
     """All kernels for one C type, compiled on first use and kept for the process."""
-    return cupy_module().RawModule(code=cuda_source(c_type))
+    return cupy_module().RawModule(code=cuda_source(c_type), options=_NVRTC_OPTIONS)
 
 
 @functools.cache
@@ -321,3 +343,24 @@ def upsample_backward(dy, sh, sw):
     _launch("upsample_backward", dy.dtype, dx.size, (dy, dx),
             (n_batch, out_h // sh, out_w // sw, channels, sh, sw))
     return dx
+
+
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """CUDA twin of ``reference.adam_update``: the whole step in one launch, in place.
+
+    Performance contract: one kernel launch and no temporary per parameter (the array code
+    takes 12 elementwise launches and 2 allocations); each element of param, grad, m and v is
+    read once and param, m and v written once. Bit-identical to the reference (--fmad=false).
+    """
+    for name, array in (("param", param), ("grad", grad), ("m", m), ("v", v)):
+        if array.shape != param.shape or array.dtype != param.dtype or not array.flags.c_contiguous:
+            raise ValueError(f"adam_update: {name} must be a C-contiguous {param.dtype} array of shape "
+                             f"{tuple(param.shape)}, got {array.dtype} {tuple(array.shape)}")
+    if param.size == 0:
+        return
+    scalar = np.dtype(param.dtype).type
+    blocks = (param.size + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK
+    _kernel("adam_update", _C_TYPES[np.dtype(param.dtype)])(
+        (blocks,), (_THREADS_PER_BLOCK,),
+        (param, grad, m, v, scalar(step_size), scalar(one_minus_beta_1), scalar(one_minus_beta_2), scalar(epsilon),
+         np.int64(param.size)))

@@ -199,3 +199,29 @@ def upsample_backward(dy, sh, sw):
         for j in range(sw):
             dx += dy[:, i::sh, j::sw, :]
     return dx
+
+
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """One Adam step of one parameter, in place, in Keras's rounding order (see optimizers.Adam)::
+
+        m     += (grad - m) * (1 - beta_1)
+        v     += (grad * grad - v) * (1 - beta_2)
+        param -= (m * step_size) / (sqrt(v) + epsilon)
+
+    The four arrays share shape, dtype and device; the scalars are of their dtype. Two
+    temporaries the size of the parameter, since this order needs the numerator and the
+    denominator at once; everything else is updated in place.
+    """
+    xp = get_array_module(param, grad, m, v)
+    scratch = xp.subtract(grad, m)
+    scratch *= one_minus_beta_1
+    m += scratch
+    xp.square(grad, out=scratch)
+    scratch -= v
+    scratch *= one_minus_beta_2
+    v += scratch
+    step = xp.multiply(m, step_size, out=scratch)
+    denominator = xp.sqrt(v)
+    denominator += epsilon
+    step /= denominator
+    param -= step

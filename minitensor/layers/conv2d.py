@@ -96,8 +96,15 @@ def column_pieces(x, kernel_size, strides, pad_top, pad_left, out_h, out_w):
 
 
 def convolve_as_gemm(x, kernel_size, strides, pad_top, pad_left, out_h, out_w, matrix):
-    """im2col(x) @ matrix, piece by piece: (N, out_h, out_w, matrix.shape[1])."""
+    """im2col(x) @ matrix, piece by piece: (N, out_h, out_w, matrix.shape[1]).
+
+    On the GPU there is one piece, and ``@`` writes a new result: CuPy sends ``matmul(out=)``
+    through its slower general path, ``@`` straight to cuBLAS.
+    """
     xp = backend.get_array_module(x, matrix)
+    if xp is not np:
+        ((_, _, cols),) = column_pieces(x, kernel_size, strides, pad_top, pad_left, out_h, out_w)
+        return (cols @ matrix).reshape(x.shape[0], out_h, out_w, matrix.shape[1])
     out = xp.empty((x.shape[0], out_h, out_w, matrix.shape[1]), dtype=x.dtype)
     for images, rows, cols in column_pieces(x, kernel_size, strides, pad_top, pad_left, out_h, out_w):
         xp.matmul(cols, matrix, out=out[images, rows].reshape(-1, matrix.shape[1]))

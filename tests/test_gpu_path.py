@@ -1,0 +1,188 @@
+"""The GPU path as a whole: what one training step costs the device, train.py end to end, the setup check.
+
+The ``gpu`` tests run on a real GPU where one is usable and on the strict CPU stand-in for CuPy
+(tests/cupy_standin.py) elsewhere, as CI does; the setup-check tests build broken CuPys on purpose.
+"""
+import types
+
+import numpy as np
+import pytest
+
+import cupy_standin
+import train
+from minitensor import backend, set_seed
+from minitensor.losses import BinaryCrossentropy
+from minitensor.optimizers import Adam
+from unet import small_unet
+
+
+def batch(seed=0, size=32, count=2):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (count, size, size, 3)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (count, size, size))]
+    return x, y
+
+
+# ----- the stand-in is strict where CuPy is -------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_the_standin_refuses_what_cupy_refuses(gpu_backend):
+    if gpu_backend is None:
+        pytest.skip("a real GPU: these are the stand-in's own checks")
+    cupy = gpu_backend
+    device = cupy.zeros((2, 3), cupy.float32)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        device + np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        np.ones((2, 3), np.float32) + device
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
+        np.asarray(device)
+    with pytest.raises(AttributeError, match="no attribute 'nan_to_num_plus'"):
+        cupy.nan_to_num_plus
+    with pytest.raises(AttributeError, match="no attribute 'tolist_twice'"):
+        device.tolist_twice()
+    assert "ndarray" in cupy.MODULE_NAMES and "zeros" in cupy.MODULE_NAMES
+
+
+@pytest.mark.gpu
+def test_the_standin_counts_reads_of_device_memory(gpu_backend):
+    if gpu_backend is None:
+        pytest.skip("a real GPU: these are the stand-in's own checks")
+    cupy = gpu_backend
+    device = cupy.asarray(np.arange(6, dtype=np.float32))
+    total = device.sum()
+    assert isinstance(total, cupy.ndarray) and total.shape == ()       # reductions stay on the device
+    assert cupy.COUNTS["syncs"] == 0
+    assert float(total) == 15.0
+    assert cupy.COUNTS["syncs"] == 1 and cupy.COUNTS["to_host"] == 1 and cupy.COUNTS["to_device"] == 1
+    before = cupy.COUNTS["calls"]
+    device.reshape(2, 3)[0]                                            # views launch nothing
+    assert cupy.COUNTS["calls"] == before
+
+
+# ----- one training step on the device ---------------------------------------------------------------------
+
+# The budget of one small_unet train_on_batch (32x32, batch 2, bce-logits), counted on the stand-in:
+# 107 kernel launches (53 im2col, 16 pooling/upsampling, 38 fused Adam updates), the GEMMs, the
+# bias, ReLU and loss elementwise operations and their allocations came to 407 when this was written.
+DEVICE_CALLS_PER_STEP = 410
+
+
+@pytest.mark.gpu
+def test_one_training_step_reads_the_device_once(gpu_backend):
+    if gpu_backend is None:
+        pytest.skip("counted on the stand-in")
+    set_seed(0)
+    model = small_unet((32, 32, 3)).compile(Adam(1e-3), BinaryCrossentropy(from_logits=True)).to("gpu")
+    x, y = batch()
+    model.train_on_batch(x, y)                   # the first step creates Adam's moments
+    gpu_backend.reset_counts()
+    loss = model.train_on_batch(x, y)
+    counts = gpu_backend.COUNTS
+    assert np.isfinite(loss)
+    assert counts["syncs"] == 1 and counts["to_host"] == 1 and counts["bytes_to_host"] == 4   # the loss, float32
+    assert counts["to_device"] == 2 and counts["bytes_to_device"] == x.nbytes + y.nbytes       # the batch
+    assert counts["launches"] == 53 + 16 + 38
+    assert counts["calls"] <= DEVICE_CALLS_PER_STEP, dict(counts)
+
+
+@pytest.mark.gpu
+def test_training_steps_on_the_device_equal_the_cpu(gpu_backend):
+    """Five Adam steps of small_unet: the GPU path (fused Adam, one-piece convolutions) against the CPU path.
+
+    On the stand-in, whose arithmetic is NumPy's, they must agree bit for bit. On a real GPU cuBLAS
+    sums in another order, and Adam turns a rounding-level change of a near-zero gradient into a
+    step of up to the learning rate, so the weights are compared at that scale.
+    """
+    models = []
+    for device in ("cpu", "gpu"):
+        set_seed(1)
+        models.append(small_unet((32, 32, 3), base_filters=4).compile(Adam(1e-3), BinaryCrossentropy(from_logits=True)))
+        models[-1].to(device)
+    for step in range(5):
+        x, y = batch(step)
+        losses = [model.train_on_batch(x, y) for model in models]
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    for cpu_weight, gpu_weight in zip(*(model.get_weights() for model in models)):
+        if gpu_backend is not None:
+            np.testing.assert_array_equal(gpu_weight, cpu_weight)
+        else:
+            np.testing.assert_allclose(gpu_weight, cpu_weight, atol=5 * 2e-3)
+
+
+@pytest.mark.gpu
+def test_train_py_runs_end_to_end_on_the_gpu(gpu_backend, tmp_path, capsys):
+    argv = ["--device", "gpu", "--num-images", "20", "--num-val", "4", "--num-test", "4", "--image-size", "32",
+            "--batch-size", "4", "--epochs", "2", "--quiet", "--data", str(tmp_path / "shape"),
+            "--weights-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "device: gpu" in out and "Epoch 2/2 - loss" in out and "mean IoU" in out
+    assert (tmp_path / "r" / "metrics.json").exists() and (tmp_path / "w" / "last.npz").exists()
+    assert train.main(argv[:argv.index("--epochs")] + ["--epochs", "3"] + argv[argv.index("--epochs") + 2:]
+                      + ["--resume"]) == 0                  # a GPU checkpoint resumes on the GPU
+
+
+@pytest.mark.gpu
+def test_tf32_is_a_real_switch_off_by_default(gpu_backend):
+    if gpu_backend is None:
+        pytest.skip("the stand-in records the compute type; a real GPU would need a timing to show it")
+    linalg = gpu_backend._core._routines_linalg
+    backend.set_tf32(True)
+    assert linalg.compute_types[np.dtype(np.float32)] == linalg.COMPUTE_TYPE_TF32
+    backend.set_tf32(False)
+    assert linalg.compute_types[np.dtype(np.float32)] == linalg.COMPUTE_TYPE_DEFAULT
+
+
+# ----- the setup check ---------------------------------------------------------------------------------------
+
+def broken_cupy(failure):
+    """The stand-in with one part broken: 'kernel' (NVRTC cannot compile), 'gemm' (cuBLAS missing), 'device'."""
+    def fail(*args, **kwargs):
+        raise RuntimeError({"kernel": "nvrtc: error: failed to open libnvrtc-builtins.so.12",
+                            "gemm": "libcublas.so.12: cannot open shared object file",
+                            "device": "cudaErrorNoDevice: no CUDA-capable device is detected"}[failure])
+
+    class Array(cupy_standin.ndarray):
+        __slots__ = ()
+        __module__ = "cupy._core.core"
+
+        def __matmul__(self, other):
+            return fail() if failure == "gemm" else super().__matmul__(other)
+
+    def asarray(a, dtype=None):
+        return Array(np.array(a, dtype=dtype))
+
+    runtime = types.SimpleNamespace(getDeviceCount=fail if failure == "device" else (lambda: 1))
+    return types.SimpleNamespace(asarray=asarray, RawKernel=fail if failure == "kernel" else cupy_standin.RawKernel,
+                                 cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.mark.parametrize("failure,named", [("kernel", "NVRTC"), ("gemm", "cuBLAS"), ("device", "no CUDA driver")])
+def test_a_gpu_that_cannot_compute_is_not_available(monkeypatch, capsys, tmp_path, failure, named):
+    monkeypatch.setattr(backend, "_cupy", broken_cupy(failure))
+    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(backend, "_gpu_status", None)
+    usable, reason = backend.gpu_status()
+    assert not usable and named in reason
+    assert backend.resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match=named):
+        backend.resolve_device("gpu")
+    assert train.main(["--device", "gpu", "--epochs", "1", "--data", str(tmp_path / "d")]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_the_probe_runs_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backend, "_gpu_status", None)
+    monkeypatch.setattr(backend, "_probe_gpu", lambda: calls.append(1) or (False, "no GPU here"))
+    assert [backend.is_gpu_available() for _ in range(3)] == [False] * 3 and calls == [1]
+
+
+def test_auto_says_why_it_chose_the_cpu(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(backend, "_gpu_status", (False, "CuPy could not be imported (no module)"))
+    argv = ["--num-images", "12", "--num-val", "4", "--num-test", "2", "--image-size", "32", "--batch-size", "4",
+            "--epochs", "1", "--quiet", "--data", str(tmp_path / "d"), "--weights-dir", str(tmp_path / "w"),
+            "--results-dir", str(tmp_path / "r")]
+    assert train.main(argv) == 0
+    assert "device: cpu (no usable GPU: CuPy could not be imported (no module))" in capsys.readouterr().out
