@@ -207,6 +207,20 @@ class Model:
         xp = backend.get_array_module(x)
         return xp.ascontiguousarray(x, dtype=self.dtype)
 
+    def _to_targets(self, y):
+        """Targets on the model's device: one-hot like the output, or class indices (one axis fewer, an
+        integer dtype), which travel as they are (1 byte a pixel for uint8 against 4 per class) and
+        are expanded to one-hot on the device. Host indices are range-checked before they travel."""
+        num_classes = self.output_shape[-1]
+        if getattr(y, "ndim", None) != len(self.output_shape) - 1 or getattr(y, "dtype", None) is None \
+                or y.dtype.kind not in "iu":
+            return self._to_model_array(y, "y")
+        if isinstance(y, np.ndarray) and y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"class indices must be in 0..{num_classes - 1} for a {num_classes}-class output, "
+                             f"got {y.min()}..{y.max()}")
+        labels = backend.to_device(y, self.device)
+        return backend.get_array_module(labels).eye(num_classes, dtype=self.dtype)[labels]
+
     def _output_layer_uses_logits(self):
         layer = self.output.producer
         if not getattr(self.loss, "from_logits", False):
@@ -220,7 +234,7 @@ class Model:
         if self.loss is None:
             raise RuntimeError("call model.compile(optimizer, loss) before training or evaluating")
         x = self._to_model_array(x, "x")
-        y = self._to_model_array(y, "y")
+        y = self._to_targets(y)
         if sample_weight is not None:
             sample_weight = self._to_model_array(sample_weight, "sample_weight")
         probabilities = self.forward(x)
@@ -231,6 +245,8 @@ class Model:
 
     def train_on_batch(self, x, y, sample_weight=None) -> float:
         """One step: forward, loss, backward, optimizer update. Returns the loss before the update.
+
+        ``y`` is one-hot like the output, or class indices (N, H, W) of an integer dtype.
 
         A NaN or infinite loss is returned without any update, so the caller can stop with the
         weights of the last good step (reading the loss here is the step's one device-to-host read).

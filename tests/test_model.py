@@ -133,6 +133,22 @@ def test_a_non_finite_loss_changes_no_weight(bad):
     assert np.isfinite(model.train_on_batch(*make_batch(6)))        # and training can go on
 
 
+def test_class_index_targets_train_exactly_like_one_hot_ones():
+    """uint8 labels (N, H, W) are one-hot encoded on the model's device: the same step, bit for bit."""
+    x, y = make_batch(2)
+    labels = y.argmax(-1).astype(np.uint8)
+    runs = []
+    for targets in (y, labels):
+        mt.set_seed(0)
+        model = small_unet((32, 32, 3), base_filters=2).compile(Adam(1e-3), SoftmaxCrossEntropy())
+        runs.append(([model.train_on_batch(x, targets) for _ in range(2)], model.get_weights()))
+    assert runs[0][0] == runs[1][0]
+    for one_hot, indexed in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(one_hot, indexed)
+    with pytest.raises(ValueError, match=r"class indices must be in 0..3 for a 4-class output, got 0..4"):
+        model.train_on_batch(x, np.where(labels == 3, 4, labels).astype(np.uint8))
+
+
 def test_evaluation_keeps_no_batch_in_the_loss():
     model = small_unet((32, 32, 3), base_filters=2).compile(Adam(1e-3), SoftmaxCrossEntropy())
     model.test_on_batch(*make_batch(0))

@@ -219,16 +219,20 @@ class Augmenter:
         return image, labels, weights
 
     def __call__(self, images, masks, weights=None):
-        """Augment a batch: images (N, H, W, C) float32 in [-1, 1], masks (N, H, W, K) one-hot.
+        """Augment a batch: images (N, H, W, C) float32 in [-1, 1], masks (N, H, W, K) one-hot or
+        (N, H, W) uint8 class indices.
 
         Optional ``weights`` (N, H, W), e.g. precomputed border-weight maps, are deformed with
         their sample's field. Returns new arrays, ``(images, masks)`` or, with weights,
         ``(images, masks, weights)``, with the input shapes and dtypes.
         """
-        num_classes = masks.shape[-1]
-        if num_classes > 256:
+        as_labels = masks.ndim == images.ndim - 1
+        num_classes = None if as_labels else masks.shape[-1]
+        if as_labels and masks.dtype != np.uint8:
+            raise ValueError(f"class-index masks must be uint8 (what cv2.remap moves), got {masks.dtype}")
+        if not as_labels and num_classes > 256:
             raise ValueError(f"masks with {num_classes} classes do not fit the uint8 labels cv2.remap moves")
-        labels = masks.argmax(axis=-1).astype(np.uint8)
+        labels = masks if as_labels else masks.argmax(axis=-1).astype(np.uint8)
         out_images, out_labels, out_weights = [], [], []
         for index in range(len(images)):
             image, label, weight = self.augment_one(images[index], labels[index],
@@ -236,7 +240,8 @@ class Augmenter:
             out_images.append(image)
             out_labels.append(label)
             out_weights.append(weight)
-        result = (np.stack(out_images), one_hot(np.stack(out_labels), num_classes, masks.dtype))
+        out_labels = np.stack(out_labels)
+        result = (np.stack(out_images), out_labels if as_labels else one_hot(out_labels, num_classes, masks.dtype))
         return result if weights is None else result + (np.stack(out_weights),)
 
     def get_state(self):

@@ -527,7 +527,12 @@ class BatchLoader:
             yield from self.epoch_batches()
 
     def read_batch(self, batch_ids):
-        """Read the given ids into ``(images, masks)``; a bad file raises DatasetError naming it."""
+        """Read the given ids into ``(images, one-hot masks)``; a bad file raises DatasetError naming it."""
+        images, labels = self.read_labels(batch_ids)
+        return images, one_hot(labels, self.num_classes)
+
+    def read_labels(self, batch_ids):
+        """``(images, labels)``: labels as uint8 class indices (N, H, W), 1 byte a pixel to move to a GPU."""
         images, masks = [], []
         size = self.image_size
         for index in batch_ids:
@@ -535,7 +540,7 @@ class BatchLoader:
             size = image.shape[:2]  # with no image_size given, the first image sets it for the batch
             images.append(image)
             masks.append(load_mask(os.path.join(self.masks_dir, f"{index}.png"), self.num_classes, size))
-        return np.stack(images), one_hot(np.stack(masks), self.num_classes)
+        return np.stack(images), np.stack(masks)
 
     def get_state(self):
         """The shuffling generator's state, a JSON-serialisable dict."""

@@ -288,7 +288,7 @@ class Trainer:
         Border weights come from the cache beside the masks and, when the batch is deformed,
         are deformed with it, so they stay on the gaps between the objects.
         """
-        images, masks = loader.read_batch(ids)
+        images, masks = loader.read_labels(ids)     # class indices: the model one-hots them on its device
         weights = (batch_weights(ids, loader.masks_dir, NUM_CLASSES, class_weights=self.class_weights)
                    if self.border_weighted else None)
         if augment and self.augmenter is not None:
