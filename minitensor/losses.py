@@ -46,10 +46,14 @@ class Loss:
         self._cache = None
 
     def __call__(self, y_pred, y_true, sample_weight=None) -> float:
-        return self.forward(y_pred, y_true, sample_weight)
+        """The loss as a Python float (on the GPU this waits for the device and copies one number)."""
+        return float(self.forward(y_pred, y_true, sample_weight))
 
-    def forward(self, y_pred, y_true, sample_weight=None) -> float:
-        """L = sum(sample_weight * per_pixel_loss) / number_of_pixels, as a Python float."""
+    def forward(self, y_pred, y_true, sample_weight=None):
+        """L = sum(sample_weight * per_pixel_loss) / number_of_pixels, a scalar on the inputs' device.
+
+        Nothing is read back to the host here: a training loop decides when it needs the number.
+        """
         xp = get_array_module(y_pred, y_true, sample_weight)
         y_true, sample_weight = _check_inputs(y_pred, y_true, sample_weight)
         per_pixel = self._per_pixel_loss(xp, y_pred, y_true)
@@ -57,7 +61,7 @@ class Loss:
             per_pixel *= sample_weight
         num_pixels = per_pixel.size
         self._cache = (y_pred, y_true, sample_weight, num_pixels)
-        return float(xp.sum(per_pixel) / num_pixels)
+        return xp.sum(per_pixel) / num_pixels
 
     def clear_cache(self):
         """Drop the arrays ``forward`` kept for ``backward`` (after an evaluation, they only hold memory)."""

@@ -243,32 +243,51 @@ class Model:
         value = self.loss.forward(prediction, y, sample_weight)
         return value, use_logits
 
-    def train_on_batch(self, x, y, sample_weight=None) -> float:
-        """One step: forward, loss, backward, optimizer update. Returns the loss before the update.
+    def train_step(self, x, y, sample_weight=None):
+        """One step (forward, loss, backward, optimizer update) that does not wait for the device.
 
-        ``y`` is one-hot like the output, or class indices (N, H, W) of an integer dtype.
+        Returns the loss before the update as a scalar on the model's device: a training loop
+        reads it when it needs it (``float(...)``), many steps later if it likes. ``y`` is one-hot
+        like the output, or class indices (N, H, W) of an integer dtype.
 
-        A NaN or infinite loss is returned without any update, so the caller can stop with the
-        weights of the last good step (reading the loss here is the step's one device-to-host read).
+        A NaN or infinite loss (NaN targets or weights, divergence) changes no weight and no
+        moment: on the CPU the update is skipped, on the GPU the fused Adam kernel checks the
+        loss on the device and leaves everything as it was. Adam's step count still advances
+        there, since the host never looked; ``train_on_batch`` puts it back.
         """
         if self.optimizer is None:
-            raise RuntimeError("call model.compile(optimizer, loss) before train_on_batch")
+            raise RuntimeError("call model.compile(optimizer, loss) before training")
         value, use_logits = self._loss_and_gradient(x, y, sample_weight)
-        value = float(value)
-        if not math.isfinite(value):   # NaN or inf in a target or weight: no update, the weights stay good
+        on_host = backend.device_of(value) == backend.CPU
+        if on_host and not math.isfinite(float(value)):
             self.loss.clear_cache()
             self.clear_cache()
             return value
         self.backward(self.loss.backward(), from_logits=use_logits, input_grad=False)
-        self.optimizer.step(self.params, self.grads)
+        self.optimizer.step(self.params, self.grads, guard=None if on_host else value)
         return value
 
-    def test_on_batch(self, x, y, sample_weight=None) -> float:
-        """The loss on a batch, without changing anything."""
+    def train_on_batch(self, x, y, sample_weight=None) -> float:
+        """``train_step``, then the loss as a Python float: the step's one read from the device.
+
+        A non-finite loss is returned with the weights, the moments and the step count of the
+        last good step.
+        """
+        value = float(self.train_step(x, y, sample_weight))
+        if not math.isfinite(value) and backend.device_of(self.params[0]) != backend.CPU:
+            self.optimizer.iterations -= 1     # the device skipped the update (see train_step)
+        return value
+
+    def test_step(self, x, y, sample_weight=None):
+        """The loss on a batch as a scalar on the model's device, without changing anything."""
         value, _ = self._loss_and_gradient(x, y, sample_weight)
         self.loss.clear_cache()
         self.clear_cache()
-        return float(value)
+        return value
+
+    def test_on_batch(self, x, y, sample_weight=None) -> float:
+        """The loss on a batch as a Python float, without changing anything."""
+        return float(self.test_step(x, y, sample_weight))
 
     def predict(self, x, batch_size=32):
         """Output probabilities as a NumPy array, whatever the device; x is NumPy (N, H, W, C)."""

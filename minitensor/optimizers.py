@@ -72,8 +72,13 @@ class Adam:
             raise ValueError(f"learning_rate must be a finite number >= 0, got {value}")
         self._learning_rate = value
 
-    def step(self, params, grads):
-        """Apply one Adam update to every array in ``params``, in place."""
+    def step(self, params, grads, guard=None):
+        """Apply one Adam update to every array in ``params``, in place.
+
+        ``guard``, a scalar (on the parameters' device): where it is NaN or infinite, nothing
+        changes. Model.train_step passes the loss, so a diverged step is never applied; on the
+        GPU the fused kernel checks it without a read back to the host.
+        """
         params, grads = list(params), list(grads)
         self._check(params, grads)
         if not self._momentums:
@@ -85,7 +90,7 @@ class Adam:
             scalar = param.dtype.type
             # One call per parameter: on the GPU a single fused kernel (kernels/gpu.py).
             kernels.adam_update(param, grad, m, v, self._step_size(param.dtype, t), scalar(1 - self.beta_1),
-                                scalar(1 - self.beta_2), scalar(self.epsilon))
+                                scalar(1 - self.beta_2), scalar(self.epsilon), guard)
         self.iterations = t
 
     def _step_size(self, dtype, t):

@@ -34,7 +34,8 @@ EMULATION_HEADER = r"""
 // --fmad=false forbids contracting a*b+c into an FMA, as -ffp-contract=off does here.)
 #include <cmath>
 #include <cstring>
-using std::sqrt;   // CUDA's device math overloads sqrt for float and double, as <cmath>'s std::sqrt does
+using std::isfinite;   // CUDA's device math overloads these for float and double, as <cmath>'s std:: ones do
+using std::sqrt;
 
 struct cuda_emulated_uint3 { unsigned int x, y, z; };
 // Set by the generated launch_* functions; thread_local so concurrent launches do not clash.

@@ -35,6 +35,7 @@ FAKE_CUPY = types.SimpleNamespace(
     ascontiguousarray=np.ascontiguousarray,
     empty=_garbage_empty,
     int32=np.int32,
+    zeros=np.zeros,
 )
 
 
@@ -107,6 +108,11 @@ def test_cpp_adam_update_is_bit_identical_to_the_reference(size, dtype):
         reference.adam_update(expected["param"], grad, expected["m"], expected["v"], *scalars)
         for name in arrays:
             np.testing.assert_array_equal(arrays[name], expected[name], err_msg=f"{name} after step {step + 1}")
+    before = {name: value.copy() for name, value in arrays.items()}
+    for bad in (np.nan, np.inf):        # the guard (the step's loss) not finite: nothing may change
+        gpu.adam_update(arrays["param"], grad, arrays["m"], arrays["v"], *scalars, guard=np.array(bad, dtype))
+        for name in arrays:
+            np.testing.assert_array_equal(arrays[name], before[name], err_msg=f"{name} changed under guard {bad}")
 
 
 def test_every_kernel_of_the_source_is_covered():

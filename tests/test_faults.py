@@ -126,18 +126,18 @@ def test_max_minutes_then_resume(reference, capsys):
 
 def test_sigint_during_validation(reference, monkeypatch):
     flags, base = reference
-    real_test_on_batch = Model.test_on_batch
+    real_test_step = Model.test_step
     sent = []
 
     def interrupted_validation(self, *args, **kwargs):
         if not sent:
             sent.append(True)
             os.kill(os.getpid(), signal.SIGINT)         # the real signal, through train.py's handler
-        return real_test_on_batch(self, *args, **kwargs)
+        return real_test_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Model, "test_on_batch", interrupted_validation)
+    monkeypatch.setattr(Model, "test_step", interrupted_validation)
     assert run(base, "val", *flags) == 130
-    monkeypatch.setattr(Model, "test_on_batch", real_test_on_batch)
+    monkeypatch.setattr(Model, "test_step", real_test_step)
     assert (base / "val" / "UNet_weight" / "last.npz").exists()
     assert run(base, "val", *flags, "--resume") == 0
     assert_same_end(base / "straight", base / "val")

@@ -88,6 +88,33 @@ def test_one_training_step_reads_the_device_once(gpu_backend):
 
 
 @pytest.mark.gpu
+def test_a_train_step_does_not_wait_for_the_device(gpu_backend):
+    if gpu_backend is None:
+        pytest.skip("counted on the stand-in")
+    set_seed(0)
+    model = small_unet((32, 32, 3), base_filters=2).compile(Adam(1e-3), BinaryCrossentropy(from_logits=True)).to("gpu")
+    x, y = batch()
+    gpu_backend.reset_counts()
+    losses = [model.train_step(x, y.argmax(-1).astype(np.uint8)) for _ in range(3)]
+    assert gpu_backend.COUNTS["syncs"] == 0 and gpu_backend.COUNTS["to_host"] == 0
+    assert all(isinstance(loss, gpu_backend.ndarray) for loss in losses)
+
+
+@pytest.mark.gpu
+def test_the_training_loop_reads_the_losses_eight_batches_at_a_time(gpu_backend, tmp_path):
+    if gpu_backend is None:
+        pytest.skip("counted on the stand-in")
+    syncs = []
+    argv = ["--device", "gpu", "--num-images", "44", "--num-val", "4", "--num-test", "4", "--image-size", "32",
+            "--batch-size", "4", "--epochs", "1", "--quiet", "--data", str(tmp_path / "shape"),
+            "--weights-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+    assert train.main(argv, on_batch_end=lambda trainer: syncs.append(gpu_backend.COUNTS["syncs"])) == 0
+    assert len(syncs) == 9                                       # 36 training images in batches of 4
+    # no read in batches 1-7, one for the eight losses at batch 8, one for the last at the epoch's end
+    assert syncs[6] == syncs[0] and syncs[7] == syncs[6] + 1 and syncs[8] == syncs[7] + 1
+
+
+@pytest.mark.gpu
 def test_training_steps_on_the_device_equal_the_cpu(gpu_backend):
     """Five Adam steps of small_unet: the GPU path (fused Adam, one-piece convolutions) against the CPU path.
 

@@ -92,7 +92,7 @@ def test_finished_run_resumed_with_tta_predicts_again_without_training(tmp_path,
     views = []
     real_predict = report.predict_views
     monkeypatch.setattr(report, "predict_views", lambda f, x, n: views.append(n) or real_predict(f, x, n))
-    monkeypatch.setattr(Model, "train_on_batch", lambda *args, **kwargs: pytest.fail("a finished run trained again"))
+    monkeypatch.setattr(Model, "train_step", lambda *args, **kwargs: pytest.fail("a finished run trained again"))
     assert run(tmp_path, "done", "--epochs", "1", "--resume", "--tta") == 0
     assert "training finished after epoch 1; predicting" in capsys.readouterr().out
     assert views == [8]                                    # 4 test images, one batch of 4
@@ -111,7 +111,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert run(tmp_path, "nan", "--epochs", "1") == 0
     checkpoint = tmp_path / "nan" / "UNet_weight" / "last.npz"
     before = checkpoint.read_bytes()
-    monkeypatch.setattr(Model, "train_on_batch", lambda self, x, y, sample_weight=None: float("nan"))
+    monkeypatch.setattr(Model, "train_step", lambda self, x, y, sample_weight=None: float("nan"))
     assert run(tmp_path, "nan", "--epochs", "2", "--resume") == 1
     assert "the loss became nan at epoch 2, batch 1" in capsys.readouterr().err
     assert checkpoint.read_bytes() == before

@@ -89,7 +89,7 @@ def test_output_folders_are_checked_before_any_training(tmp_path, shape_data, ca
                 raise PermissionError(13, "Permission denied")
             return real(dir=dir, **kwargs)
         monkeypatch.setattr(report.tempfile, "TemporaryFile", refuse)
-    monkeypatch.setattr(Model, "train_on_batch", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(Model, "train_step", lambda *a, **k: pytest.fail("training started"))
     assert run(tmp_path, shape_data, "--epochs", "1", flag, str(folder)) == 2
     err = capsys.readouterr().err
     expected = {"a file": "is a file, not a folder", "under a file": "cannot write there",
@@ -163,15 +163,30 @@ def test_the_users_data_set_with_a_missing_image_is_an_error_and_untouched(tmp_p
 # ----- divergence ---------------------------------------------------------------------------------------------
 
 def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path, shape_data, monkeypatch, capsys):
-    monkeypatch.setattr(Model, "train_on_batch", lambda self, x, y, sample_weight=None: float("nan"))
+    monkeypatch.setattr(Model, "train_step", lambda self, x, y, sample_weight=None: float("nan"))
     assert run(tmp_path, shape_data, "--epochs", "1") == 1
     err = capsys.readouterr().err
     assert "the loss became nan at epoch 1, batch 1" in err and "no checkpoint had been written yet" in err
     assert not (tmp_path / "w" / "last.npz").exists()
 
 
+def test_a_nan_loss_read_late_names_its_own_batch(tmp_path, shape_data, monkeypatch, capsys):
+    """Losses are read a few batches at a time: the message still names the batch that diverged."""
+    real_step, calls = Model.train_step, []
+
+    def third_diverges(self, *args, **kwargs):
+        calls.append(1)
+        loss = real_step(self, *args, **kwargs)
+        return np.float32("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(Model, "train_step", third_diverges)
+    assert run(tmp_path, shape_data, "--epochs", "1") == 1
+    assert "the loss became nan at epoch 1, batch 3" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "last.npz").exists()
+
+
 def test_a_nan_validation_loss_stops_without_saving(tmp_path, shape_data, monkeypatch, capsys):
-    monkeypatch.setattr(Model, "test_on_batch", lambda self, x, y, sample_weight=None: float("nan"))
+    monkeypatch.setattr(Model, "test_step", lambda self, x, y, sample_weight=None: float("nan"))
     assert run(tmp_path, shape_data, "--epochs", "3") == 1
     assert "the validation loss became nan after epoch 1" in capsys.readouterr().err
     assert not list((tmp_path / "w").glob("*.npz"))

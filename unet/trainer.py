@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from minitensor import backend
 from minitensor.files import ModelFileError, atomic_savez, read_npz, with_prefix
 
 from .callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .data import CLASS_NAMES, NUM_CLASSES
+from .prefetch import Prefetcher
 from .tiling import fit_to_model
 from .weights import batch_weights
 
@@ -123,11 +125,20 @@ class Trainer:
     ``border_weighted`` reads each batch's border-weight maps (with ``class_weights``, None for per
     mask); ``augmenter`` (or None) moves every training batch. ``on_batch_end(trainer)`` is called
     after every trained batch (a hook for tests and tools).
+
+    The host reads the device only where it must: the batch losses stay on the device and are
+    read ``loss_read_every`` batches at a time in one transfer (and before a checkpoint, a stop
+    and the epoch's end), the validation losses once per epoch. A NaN loss stops training at
+    that read, within the epoch; the update of the batch that gave it was never applied (see
+    Model.train_step). The sums are made on the host in batch order, so they are the same bits
+    whatever the device and the read interval. With ``prefetch`` the next batch is read and
+    augmented in a background thread during each step (unet/prefetch.py); the batches, and so
+    the run, are the same as without.
     """
 
     def __init__(self, model, train_loader, val_loader, *, epochs, weights_dir, fingerprint=None, augmenter=None,
                  border_weighted=False, class_weights=None, checkpoint_minutes=5.0, max_minutes=None, quiet=False,
-                 log=print):
+                 loss_read_every=8, prefetch=True, log=print):
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.epochs = epochs
         self.weights_dir = os.fspath(weights_dir)
@@ -137,8 +148,11 @@ class Trainer:
         self.quiet, self.log = quiet, log
         self.stop = StopRequest()
         self.on_batch_end = None
+        self.loss_read_every, self.prefetch = loss_read_every, prefetch
+        self._unread = []            # (batch index, images, loss on the device) of batches whose loss is unread
         self.state = TrainingState(weights={}, optimizer={}, fingerprint=dict(fingerprint or {}),
-                                   loader=train_loader.get_state())
+                                   loader=train_loader.get_state(),
+                                   augmenter=augmenter.get_state() if augmenter else None)
         self._last_save = time.monotonic()
         if border_weighted and class_weights is not None:
             log(f"border-weighted loss, class weights: "
@@ -160,11 +174,11 @@ class Trainer:
     # -- the one state, captured and applied --
     def capture(self) -> TrainingState:
         """The run as it stands now, with copies of every array (later steps do not change it)."""
+        self._read_losses()
         return dataclasses.replace(
             self.state, weights=self.model.weights_dict(), optimizer=self.model.optimizer.get_state(),
             history=list(self.state.history), callbacks=[c.get_state() for c in self.callbacks],
-            stop_training=bool(self.model.stop_training),
-            augmenter=self.augmenter.get_state() if self.augmenter else None)
+            stop_training=bool(self.model.stop_training))
 
     def apply(self, state: TrainingState, source="the checkpoint"):
         """Put ``state`` into the model, the optimizer, the callbacks and the augmenter."""
@@ -251,21 +265,18 @@ class Trainer:
         batches = [order[i:i + loader.batch_size] for i in range(0, len(order), loader.batch_size)]
         progress = tqdm(total=len(batches), initial=state.batch, desc=f"Epoch {state.epoch + 1}/{self.epochs}",
                         unit="batch", disable=self.quiet, leave=False, dynamic_ncols=True)
-        with progress:
-            while state.batch < len(batches):
-                start = time.perf_counter()
-                images, masks, weights = self._read_batch(loader, batches[state.batch], augment=True)
-                loss = self.model.train_on_batch(images, masks, sample_weight=weights)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"the loss became {loss} at epoch {state.epoch + 1}, batch {state.batch + 1}: "
-                                        f"training diverged and was stopped without saving; {self._last_good()}; "
-                                        f"try a smaller --lr")
-                state.epoch_seconds += time.perf_counter() - start
-                state.epoch_loss_sum += loss * len(images)
-                state.epoch_images += len(images)
+        ahead = Prefetcher(self._prepare_training_batch, batches[state.batch:], enabled=self.prefetch)
+        with progress, ahead:
+            clock = time.perf_counter()              # the epoch's time: waiting for data, training, reading losses
+            for images, masks, weights, augmenter_state in ahead:
+                self._unread.append((state.batch, len(images),
+                                     self.model.train_step(images, masks, sample_weight=weights)))
+                state.augmenter = augmenter_state    # what a checkpoint after this batch must hold
                 state.batch += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{state.epoch_loss_sum / state.epoch_images:.4f}")
+                if len(self._unread) >= self.loss_read_every or state.batch == len(batches):
+                    self._read_losses(progress)
+                state.epoch_seconds += time.perf_counter() - clock
                 if self.on_batch_end is not None:
                     self.on_batch_end(self)
                 if state.batch == len(batches):
@@ -275,7 +286,35 @@ class Trainer:
                 if (self.checkpoint_minutes is not None
                         and time.monotonic() - self._last_save >= 60 * self.checkpoint_minutes):
                     self.save_checkpoint()
+                clock = time.perf_counter()
         return True
+
+    def _prepare_training_batch(self, ids):
+        """(images, masks, weights, the augmenter's state after them) of one training batch; runs in
+        the prefetch thread, the augmenter's only user during an epoch."""
+        images, masks, weights = self._read_batch(self.train_loader, ids, augment=True)
+        return images, masks, weights, self.augmenter.get_state() if self.augmenter else None
+
+    def _read_losses(self, progress=None):
+        """Read the unread batch losses in one transfer and add them to the epoch's sums.
+
+        A non-finite loss raises TrainingError naming its batch.
+        """
+        unread, self._unread = self._unread, []
+        if not unread:
+            return
+        losses = [loss for _, _, loss in unread]
+        values = backend.to_numpy(backend.get_array_module(*losses).stack(losses)).tolist()
+        state = self.state
+        for (batch, images, _), value in zip(unread, values):
+            if not math.isfinite(value):
+                raise TrainingError(f"the loss became {value} at epoch {state.epoch + 1}, batch {batch + 1}: "
+                                    f"training diverged and was stopped without saving; {self._last_good()}; "
+                                    f"try a smaller --lr")
+            state.epoch_loss_sum += value * images
+            state.epoch_images += images
+        if progress is not None:
+            progress.set_postfix(loss=f"{state.epoch_loss_sum / state.epoch_images:.4f}")
 
     def _last_good(self):
         if os.path.exists(self.resume_path):
@@ -299,13 +338,17 @@ class Trainer:
     def _validate(self):
         """Mean loss over every validation image (weighted like the training loss, never augmented)."""
         loader = self.val_loader
-        total, count = 0.0, 0
+        losses, sizes = [], []
         for start in range(0, len(loader.ids), loader.batch_size):
             ids = loader.ids[start:start + loader.batch_size]
             images, masks, weights = self._read_batch(loader, ids, augment=False)
-            total += self.model.test_on_batch(images, masks, sample_weight=weights) * len(images)
-            count += len(images)
-        return total / count
+            losses.append(self.model.test_step(images, masks, sample_weight=weights))
+            sizes.append(len(images))
+        values = backend.to_numpy(backend.get_array_module(*losses).stack(losses)).tolist()   # one read
+        total = 0.0
+        for value, size in zip(values, sizes):
+            total += value * size
+        return total / sum(sizes)
 
     def _end_epoch(self):
         """Validate, log, run the callbacks and move the state to the next epoch's start."""

@@ -164,8 +164,8 @@ def upsample_backward(dy, sh, sw):
     return _implementation(dy).upsample_backward(dy, sh, sw)
 
 
-def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
-    """Adam's step for one parameter, in place. See reference.adam_update.
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
+    """Adam's step for one parameter, in place, skipped where ``guard`` is not finite. See reference.adam_update.
 
     NumPy arrays take the reference (already one vectorised pass per operation, with no
     launch cost to save); CuPy arrays the fused CUDA kernel.
@@ -173,4 +173,4 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
     module = _implementation(param, grad, m, v)
     if module is cpu:
         module = reference
-    module.adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon)
+    module.adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard)

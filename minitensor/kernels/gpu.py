@@ -201,12 +201,14 @@ _ADAM_UPDATE = r"""
 // One thread per element of a parameter: Keras's Adam step, the operations of reference.adam_update
 // in the same order. The module is compiled with --fmad=false, so that no a*b+c is contracted into
 // one rounding: every element gets the bits the NumPy twin gives.
+// `guard` is one number on the device (the step's loss): where it is NaN or infinite nothing changes,
+// so a diverged step is never applied and the host need not read the loss first.
 extern "C" __global__ void adam_update(scalar_t* param, const scalar_t* grad, scalar_t* m, scalar_t* v,
                                        scalar_t step_size, scalar_t one_minus_beta_1, scalar_t one_minus_beta_2,
-                                       scalar_t epsilon, long long size)
+                                       scalar_t epsilon, const scalar_t* guard, long long size)
 {
     const long long idx = thread_index();
-    if (idx >= size) return;
+    if (idx >= size || !isfinite(*guard)) return;
     const scalar_t g = grad[idx];
     const scalar_t m_new = m[idx] + (g - m[idx]) * one_minus_beta_1;
     const scalar_t v_new = v[idx] + (g * g - v[idx]) * one_minus_beta_2;
@@ -345,13 +347,16 @@ def upsample_backward(dy, sh, sw):
     return dx
 
 
-def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
     """CUDA twin of ``reference.adam_update``: the whole step in one launch, in place.
 
     Performance contract: one kernel launch and no temporary per parameter (the array code
     takes 12 elementwise launches and 2 allocations); each element of param, grad, m and v is
-    read once and param, m and v written once. Bit-identical to the reference (--fmad=false).
+    read once and param, m and v written once; ``guard`` is checked on the device, never read
+    back. Bit-identical to the reference (--fmad=false).
     """
+    cupy = cupy_module()
+    guard = cupy.zeros((), param.dtype) if guard is None else cupy.ascontiguousarray(guard, dtype=param.dtype)
     for name, array in (("param", param), ("grad", grad), ("m", m), ("v", v)):
         if array.shape != param.shape or array.dtype != param.dtype or not array.flags.c_contiguous:
             raise ValueError(f"adam_update: {name} must be a C-contiguous {param.dtype} array of shape "
@@ -363,4 +368,4 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
     _kernel("adam_update", _C_TYPES[np.dtype(param.dtype)])(
         (blocks,), (_THREADS_PER_BLOCK,),
         (param, grad, m, v, scalar(step_size), scalar(one_minus_beta_1), scalar(one_minus_beta_2), scalar(epsilon),
-         np.int64(param.size)))
+         guard, np.int64(param.size)))

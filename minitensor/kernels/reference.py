@@ -20,6 +20,8 @@ strides, pad_top, pad_left padding before the input, out_h, out_w output size.
 """
 from __future__ import annotations
 
+import math
+
 from minitensor.backend import get_array_module
 
 
@@ -201,7 +203,7 @@ def upsample_backward(dy, sh, sw):
     return dx
 
 
-def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
     """One Adam step of one parameter, in place, in Keras's rounding order (see optimizers.Adam)::
 
         m     += (grad - m) * (1 - beta_1)
@@ -210,8 +212,12 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
 
     The four arrays share shape, dtype and device; the scalars are of their dtype. Two
     temporaries the size of the parameter, since this order needs the numerator and the
-    denominator at once; everything else is updated in place.
+    denominator at once; everything else is updated in place. Nothing changes where the
+    scalar ``guard`` (if given) is NaN or infinite (reading it waits for a GPU: the CUDA twin
+    checks it on the device).
     """
+    if guard is not None and not math.isfinite(float(guard)):
+        return
     xp = get_array_module(param, grad, m, v)
     scratch = xp.subtract(grad, m)
     scratch *= one_minus_beta_1
