@@ -16,9 +16,8 @@ import pytest
 
 from cuda_cpp import CompileError, CppModule
 from minitensor.kernels import gpu, reference
-from test_kernels import CASES, DTYPES, assert_same_array, random_x, tolerance
-
-UPSAMPLE_CASES = [(1, 3, 5, 1, 2, 2), (2, 4, 3, 3, 2, 3), (2, 2, 2, 5, 1, 1)]   # as in test_kernels.py
+from test_kernels import (CASES, DTYPES, UPSAMPLE_CASES, assert_same_array, check_im2col_col2im, check_maxpool,
+                          check_upsample, random_x)
 
 ARGMAX_GARBAGE = -7   # not a window offset: a cell the kernel forgot to write shows
 
@@ -54,42 +53,23 @@ def cpp_gpu():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpp_im2col_col2im_match_reference(case, dtype):
-    rng = np.random.default_rng(9)
-    x = random_x(case, dtype, rng)   # distinct values: a copy from a wrong cell shows
-    expected = reference.im2col(x, *case.window)
-    assert_same_array(gpu.im2col(x, *case.window), expected, dtype)
-    out = _garbage_empty(expected.shape, dtype)
+    check_im2col_col2im(gpu, case, dtype, seed=9)
+    x = random_x(case, dtype, np.random.default_rng(9))
+    out = _garbage_empty(reference.im2col(x, *case.window).shape, dtype)   # reused memory holds garbage
     assert gpu.im2col(x, *case.window, out=out) is out
-    assert_same_array(out, expected, dtype)
-    cols = rng.standard_normal(expected.shape).astype(dtype)
-    assert_same_array(gpu.col2im(cols, case.x_shape, *case.window),
-                      reference.col2im(cols, case.x_shape, *case.window), dtype, **tolerance(dtype))
+    assert_same_array(out, reference.im2col(x, *case.window), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpp_maxpool_matches_reference(case, dtype):
-    rng = np.random.default_rng(10)
-    x = random_x(case, dtype, rng, ties=True)
-    y, argmax = gpu.maxpool_forward(x, *case.window)
-    expected_y, expected_argmax = reference.maxpool_forward(x, *case.window)
-    assert_same_array(y, expected_y, dtype)
-    assert_same_array(argmax, expected_argmax, np.int32)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    assert_same_array(gpu.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]),
-                      reference.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), dtype,
-                      **tolerance(dtype))
+    check_maxpool(gpu, case, dtype, seed=10)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, h, w, c, sh, sw", UPSAMPLE_CASES)
-def test_cpp_upsample_matches_reference(n, h, w, c, sh, sw, dtype):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((n, h, w, c)).astype(dtype)
-    assert_same_array(gpu.upsample_forward(x, sh, sw), reference.upsample_forward(x, sh, sw), dtype)
-    dy = rng.standard_normal((n, h * sh, w * sw, c)).astype(dtype)
-    assert_same_array(gpu.upsample_backward(dy, sh, sw), reference.upsample_backward(dy, sh, sw), dtype,
-                      **tolerance(dtype))
+@pytest.mark.parametrize("shape", UPSAMPLE_CASES)
+def test_cpp_upsample_matches_reference(shape, dtype):
+    check_upsample(gpu, shape, dtype, seed=11)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -209,42 +209,65 @@ def assert_same_array(actual, expected, dtype, **tolerances):
         np.testing.assert_array_equal(actual, expected)
 
 
+UPSAMPLE_CASES = [(1, 3, 5, 1, 2, 2), (2, 4, 3, 3, 2, 3), (2, 2, 2, 5, 1, 1)]
+
+
+def direct(function, *args):
+    return function(*args)
+
+
+# One check per kernel pair, for every twin of the reference: numba here, CUDA on a GPU (or the
+# stand-in) below, CUDA compiled as C++ in test_cuda_as_cpp.py. ``run(function, *args)`` calls a twin
+# with NumPy arrays and returns NumPy arrays (``on_gpu`` moves them to the device and back).
+def check_im2col_col2im(module, case, dtype, seed, run=direct):
+    rng = np.random.default_rng(seed)
+    x = random_x(case, dtype, rng)   # distinct values: a copy from a wrong cell shows
+    expected = reference.im2col(x, *case.window)
+    assert_same_array(run(module.im2col, x, *case.window), expected, dtype)
+    cols = rng.standard_normal(expected.shape).astype(dtype)
+    assert_same_array(run(module.col2im, cols, case.x_shape, *case.window),
+                      reference.col2im(cols, case.x_shape, *case.window), dtype, **tolerance(dtype))
+
+
+def check_maxpool(module, case, dtype, seed, run=direct):
+    rng = np.random.default_rng(seed)
+    x = random_x(case, dtype, rng, ties=True)
+    y, argmax = run(module.maxpool_forward, x, *case.window)
+    expected_y, expected_argmax = reference.maxpool_forward(x, *case.window)
+    assert_same_array(y, expected_y, dtype)
+    assert_same_array(argmax, expected_argmax, np.int32)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert_same_array(run(module.maxpool_backward, dy, argmax, case.x_shape, *case.window[:6]),
+                      reference.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), dtype,
+                      **tolerance(dtype))
+
+
+def check_upsample(module, shape, dtype, seed, run=direct):
+    n, h, w, c, sh, sw = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    assert_same_array(run(module.upsample_forward, x, sh, sw), reference.upsample_forward(x, sh, sw), dtype)
+    dy = rng.standard_normal((n, h * sh, w * sw, c)).astype(dtype)
+    assert_same_array(run(module.upsample_backward, dy, sh, sw), reference.upsample_backward(dy, sh, sw), dtype,
+                      **tolerance(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpu_im2col_col2im_match_reference(case, dtype):
-    rng = np.random.default_rng(4)
-    x = random_x(case, dtype, rng)
-    expected = reference.im2col(x, *case.window)
-    assert_same_array(cpu.im2col(x, *case.window), expected, dtype)
-    cols = rng.standard_normal(expected.shape).astype(dtype)
-    assert_same_array(cpu.col2im(cols, case.x_shape, *case.window),
-                      reference.col2im(cols, case.x_shape, *case.window), dtype, **tolerance(dtype))
+    check_im2col_col2im(cpu, case, dtype, seed=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpu_maxpool_matches_reference(case, dtype):
-    rng = np.random.default_rng(5)
-    x = random_x(case, dtype, rng, ties=True)
-    y, argmax = cpu.maxpool_forward(x, *case.window)
-    expected_y, expected_argmax = reference.maxpool_forward(x, *case.window)
-    assert_same_array(y, expected_y, dtype)
-    assert_same_array(argmax, expected_argmax, np.int32)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    assert_same_array(cpu.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]),
-                      reference.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), dtype,
-                      **tolerance(dtype))
+    check_maxpool(cpu, case, dtype, seed=5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, h, w, c, sh, sw", [(1, 3, 5, 1, 2, 2), (2, 4, 3, 3, 2, 3), (2, 2, 2, 5, 1, 1)])
-def test_cpu_upsample_matches_reference(n, h, w, c, sh, sw, dtype):
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((n, h, w, c)).astype(dtype)
-    assert_same_array(cpu.upsample_forward(x, sh, sw), reference.upsample_forward(x, sh, sw), dtype)
-    dy = rng.standard_normal((n, h * sh, w * sw, c)).astype(dtype)
-    assert_same_array(cpu.upsample_backward(dy, sh, sw), reference.upsample_backward(dy, sh, sw), dtype,
-                      **tolerance(dtype))
+@pytest.mark.parametrize("shape", UPSAMPLE_CASES)
+def test_cpu_upsample_matches_reference(shape, dtype):
+    check_upsample(cpu, shape, dtype, seed=6)
 
 
 @st.composite
@@ -365,41 +388,21 @@ def on_gpu(function, *args):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gpu_im2col_col2im_match_reference(case, dtype):
-    rng = np.random.default_rng(9)
-    x = random_x(case, dtype, rng)
-    expected = reference.im2col(x, *case.window)
-    assert_same_array(on_gpu(gpu.im2col, x, *case.window), expected, dtype)
-    cols = rng.standard_normal(expected.shape).astype(dtype)
-    assert_same_array(on_gpu(gpu.col2im, cols, case.x_shape, *case.window),
-                      reference.col2im(cols, case.x_shape, *case.window), dtype, **tolerance(dtype))
+    check_im2col_col2im(gpu, case, dtype, seed=9, run=on_gpu)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gpu_maxpool_matches_reference(case, dtype):
-    rng = np.random.default_rng(10)
-    x = random_x(case, dtype, rng, ties=True)
-    y, argmax = on_gpu(gpu.maxpool_forward, x, *case.window)
-    expected_y, expected_argmax = reference.maxpool_forward(x, *case.window)
-    assert_same_array(y, expected_y, dtype)
-    assert_same_array(argmax, expected_argmax, np.int32)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    assert_same_array(on_gpu(gpu.maxpool_backward, dy, argmax, case.x_shape, *case.window[:6]),
-                      reference.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), dtype,
-                      **tolerance(dtype))
+    check_maxpool(gpu, case, dtype, seed=10, run=on_gpu)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, h, w, c, sh, sw", [(1, 3, 5, 1, 2, 2), (2, 4, 3, 3, 2, 3), (2, 2, 2, 5, 1, 1)])
-def test_gpu_upsample_matches_reference(n, h, w, c, sh, sw, dtype):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((n, h, w, c)).astype(dtype)
-    assert_same_array(on_gpu(gpu.upsample_forward, x, sh, sw), reference.upsample_forward(x, sh, sw), dtype)
-    dy = rng.standard_normal((n, h * sh, w * sw, c)).astype(dtype)
-    assert_same_array(on_gpu(gpu.upsample_backward, dy, sh, sw), reference.upsample_backward(dy, sh, sw), dtype,
-                      **tolerance(dtype))
+@pytest.mark.parametrize("shape", UPSAMPLE_CASES)
+def test_gpu_upsample_matches_reference(shape, dtype):
+    check_upsample(gpu, shape, dtype, seed=11, run=on_gpu)
 
 
 @pytest.mark.gpu
