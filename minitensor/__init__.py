@@ -2,13 +2,15 @@
 
 NumPy on the CPU (hot kernels in numba), CuPy on the GPU; NHWC data and HWIO kernels as in
 Keras. Read it bottom-up: backend.py -> kernels/ -> layers/, losses.py, optimizers.py ->
-model.py. ``python -m minitensor.gradcheck --all`` checks every backward pass numerically.
+model.py -> saving.py. ``python -m minitensor.gradcheck --all`` checks every backward pass numerically.
 """
 from . import backend, kernels, layers, losses, optimizers
 from .backend import get_array_module, is_gpu_available, to_device, to_numpy
 from .layers import (Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, MaxPooling2D, ReLU, Softmax,
                      UpSampling2D, set_seed)
-from .model import Model, ModelFileError, load_model
+from .files import ModelFileError
+from .model import Model
+from .saving import load_model
 
 __version__ = "0.1.0"
 

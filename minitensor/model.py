@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 
-from . import backend, layers as layer_module, losses as loss_module, optimizers as optimizer_module
+from . import backend, losses as loss_module, optimizers as optimizer_module
 from .files import ModelFileError, atomic_savez, read_npz, with_prefix
 from .layers.base import InputLayer, SymbolicTensor
 
 FORMAT_VERSION = 1
-_LAYER_CLASSES = {cls.__name__: cls for cls in (
-    layer_module.Conv2D, layer_module.MaxPool2D, layer_module.UpSampling2D, layer_module.Cropping2D,
-    layer_module.Concatenate, layer_module.ReLU, layer_module.Softmax, InputLayer)}
 
 
 class _Node:
@@ -388,46 +384,3 @@ class Model:
         """Load weights saved by Keras (legacy ``.h5`` or Keras 3 ``.weights.h5``), matched by layer name."""
         from .keras_io import read_keras_weights   # h5py is needed only here
         self.assign_weights(read_keras_weights(path, self), path)
-
-
-def model_from_config(config):
-    """Rebuild a Model from ``Model.get_config()``."""
-    tensors = {}
-    for entry in config["layers"]:
-        cls = _LAYER_CLASSES.get(entry["class_name"])
-        if cls is None:
-            raise ModelFileError(f"unknown layer class {entry['class_name']!r} in the model file")
-        layer_config = dict(entry["config"])
-        if cls is InputLayer:
-            layer = InputLayer(layer_config.pop("shape"), **layer_config)
-            tensors[layer.name] = SymbolicTensor(layer.input_shape, layer, [], layer.dtype)
-            continue
-        layer = cls(**layer_config)
-        inbound = [tensors[name] for name in entry["inbound"]]
-        tensors[layer.name] = layer(inbound if len(inbound) > 1 else inbound[0])
-    first, last = config["layers"][0]["config"]["name"], config["layers"][-1]["config"]["name"]
-    return Model(tensors[first], tensors[last], name=config["name"])
-
-
-def load_model(path, device="cpu"):
-    """Load a model saved with ``Model.save``: architecture, weights and (if saved) optimizer state.
-
-    Returns the model; the ``extra`` training state saved with it is in ``model.saved_extra``.
-    """
-    data = read_npz(path)
-    if "config" not in data:
-        raise ModelFileError(f"{path}: has no model architecture (was it written by Model.save?)")
-    try:
-        config = json.loads(str(data["config"]))
-        model = model_from_config(config)
-    except ModelFileError:
-        raise
-    except Exception as exc:
-        raise ModelFileError(f"{path}: the model architecture in the file cannot be rebuilt: {exc}") from exc
-    model.assign_weights(with_prefix(data, "weights/"), path)
-    optimizer_state = with_prefix(data, "optimizer/")
-    if optimizer_state:
-        model.optimizer = optimizer_module.Adam()
-        model.optimizer.set_state(optimizer_state)
-    model.saved_extra = json.loads(str(data["extra"])) if "extra" in data else {}
-    return model.to(device) if device != backend.CPU else model

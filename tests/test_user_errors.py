@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import cv2 as cv
 import numpy as np
 import pytest
 

@@ -29,8 +29,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 from minitensor import backend
 from minitensor.files import ModelFileError, atomic_savez, read_npz, with_prefix
 
@@ -155,7 +153,7 @@ class Trainer:
                                    augmenter=augmenter.get_state() if augmenter else None)
         self._last_save = time.monotonic()
         if border_weighted and class_weights is not None:
-            log(f"border-weighted loss, class weights: "
+            log("border-weighted loss, class weights: "
                 + ", ".join(f"{name} {w:.3g}" for name, w in zip(CLASS_NAMES, class_weights)))
         self.callbacks = [
             ModelCheckpoint(weights_dir, period=3, verbose=1, log=self._log_above_progress),
