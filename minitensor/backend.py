@@ -18,8 +18,10 @@ DEVICES = (CPU, GPU)
 
 _INSTALL_HINT = (
     "install CuPy for your CUDA version (for CUDA 12: pip install 'minitensor[gpu]', "
-    "which installs cupy-cuda12x) on a machine with an NVIDIA GPU, or use the CPU (--device cpu)"
+    "which installs cupy-cuda12x) on a machine with an NVIDIA GPU"
 )
+
+_USE_THE_CPU = "or train on the CPU (--device cpu)"
 
 _cupy = None          # the cupy module once imported successfully
 _cupy_error = None    # why importing it failed, to repeat in error messages
@@ -41,7 +43,8 @@ def cupy_module():
     """Return the cupy module, or raise a RuntimeError that says how to get it."""
     cupy = _import_cupy()
     if cupy is None:
-        raise RuntimeError(f"the GPU needs CuPy, which could not be imported ({_cupy_error}); {_INSTALL_HINT}")
+        raise RuntimeError(f"the GPU needs CuPy, which could not be imported ({_cupy_error}); {_INSTALL_HINT}; "
+                           f"{_USE_THE_CPU}")
     return cupy
 
 
@@ -64,7 +67,7 @@ def gpu_status():
     matrix products) cannot be loaded, CuPy still sees the device and training would fail
     inside its first batch. So the GPU counts as usable only after a tiny kernel was compiled
     and run and a cuBLAS GEMM gave the right numbers. ``reason`` is "" when usable, else one
-    sentence naming what failed and what to install.
+    sentence naming what failed and what to install (``require_gpu`` adds the CPU alternative).
     """
     global _gpu_status
     if _gpu_status is None:
@@ -89,17 +92,17 @@ def _probe_gpu():
     except Exception as exc:
         return False, (f"CUDA kernels cannot be compiled or run: NVRTC or the driver failed ({type(exc).__name__}: "
                        f"{exc}); install the CUDA 12 toolkit (it brings NVRTC) or a CuPy build for this "
-                       f"machine's CUDA, or use the CPU (--device cpu)")
+                       f"machine's CUDA")
     if not kernel_ok:
-        return False, "a test kernel ran but gave wrong numbers: the GPU or its driver is not usable (--device cpu)"
+        return False, "a test kernel ran but gave wrong numbers: the GPU or its driver is not usable"
     try:
         a = cupy.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
         gemm_ok = (a @ a.T).get().tolist() == [[5.0, 14.0], [14.0, 50.0]]
     except Exception as exc:
         return False, (f"cuBLAS cannot run a matrix product ({type(exc).__name__}: {exc}); install the CUDA 12 "
-                       f"toolkit (it brings cuBLAS), or use the CPU (--device cpu)")
+                       f"toolkit (it brings cuBLAS)")
     if not gemm_ok:
-        return False, "a cuBLAS matrix product gave wrong numbers: the GPU is not usable (--device cpu)"
+        return False, "a cuBLAS matrix product gave wrong numbers: the GPU is not usable"
     return True, ""
 
 
@@ -112,7 +115,7 @@ def require_gpu():
     """Return cupy, or raise RuntimeError naming what is missing (see ``gpu_status``)."""
     usable, reason = gpu_status()
     if not usable:
-        raise RuntimeError(reason)
+        raise RuntimeError(f"{reason}; {_USE_THE_CPU}")
     return _cupy
 
 
