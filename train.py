@@ -35,9 +35,11 @@ from minitensor.files import ModelFileError
 from minitensor.optimizers import Adam
 from unet import small_unet, unet
 from unet.augment import Augmenter
-from unet.data import NUM_CLASSES, BatchLoader, DatasetError, check_dataset, dataset_dirs, ensure_dataset, split_ids
+from unet.batches import BatchLoader
+from unet.data import NUM_CLASSES, DatasetError, check_dataset, dataset_dirs, split_ids
 from unet.models import valid_unet_sizes
 from unet.report import OutputFolderError, check_writable_folder, write_results
+from unet.shapes import ensure_dataset
 from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError
 from unet.weights import dataset_class_weights
 
@@ -77,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="small", choices=["small", "original"],
                         help="small_unet ('same' convs, the seed's Shape model) or the original valid-conv unet")
     parser.add_argument("--data", default="shape",
-                        help="data set folder: generated there if new or empty, completed if unet.data wrote it, "
+                        help="data set folder: generated there if new or empty, completed if unet.shapes wrote it, "
                              "otherwise read as your own data set and never written to")
     parser.add_argument("--num-images", type=int, default=1000, help="images in the data set (the seed: 1000)")
     parser.add_argument("--num-val", type=int, default=100, help="validation images (the seed: 100)")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from unet import augment
-from unet.data import make_sample, one_hot
+from unet.data import one_hot
+from unet.shapes import make_sample
 
 
 def sample_batch(num=2, size=32, num_classes=4):

@@ -8,7 +8,7 @@ import cv2 as cv
 import numpy as np
 import pytest
 
-from unet import data
+from unet import batches, data, shapes
 from unet.data import DatasetError
 
 NUM_IMAGES, NUM_TEST, SIZE = 12, 2, 32
@@ -28,7 +28,7 @@ def all_files(root):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shape")
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     return root
 
 
@@ -46,15 +46,15 @@ def test_layout_and_counts(dataset):
     assert sorted(os.listdir(dirs.train_masks)) == sorted(f"{i}.png" for i in range(first_test))
     assert sorted(os.listdir(dirs.test_images)) == sorted(f"{i}.jpg" for i in range(first_test, NUM_IMAGES))
     assert sorted(os.listdir(dirs.test_masks)) == sorted(f"{i}.png" for i in range(first_test, NUM_IMAGES))
-    marker = json.loads((dataset / data.MARKER_FILE).read_text())
+    marker = json.loads((dataset / shapes.MARKER_FILE).read_text())
     assert marker == {"num_images": NUM_IMAGES, "num_test": NUM_TEST, "image_size": [SIZE, SIZE], "seed": 0,
                       "complete": True}
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_path):
-    data.generate_shapes(tmp_path / "same", NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    shapes.generate_shapes(tmp_path / "same", NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     assert all_files(tmp_path / "same") == all_files(dataset)
-    data.generate_shapes(tmp_path / "other", NUM_IMAGES, SIZE, NUM_TEST, seed=1)
+    shapes.generate_shapes(tmp_path / "other", NUM_IMAGES, SIZE, NUM_TEST, seed=1)
     other = all_files(tmp_path / "other")
     assert all(other[name] != content for name, content in all_files(dataset).items() if name.endswith(".jpg"))
 
@@ -62,13 +62,13 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_p
 def test_a_sample_does_not_depend_on_the_others(dataset):
     """Sample i is seeded by (seed, i): drawn alone it equals the file written in the full run."""
     _, mask_path = data.sample_paths(dataset, 5, NUM_IMAGES, NUM_TEST)
-    _, mask = data.make_sample(0, 5, SIZE)
+    _, mask = shapes.make_sample(0, 5, SIZE)
     np.testing.assert_array_equal(cv.imread(str(mask_path), cv.IMREAD_UNCHANGED), mask)
 
 
 def test_mask_png_reads_back_as_the_seed_reads_it(dataset):
     """The seed reads a mask with cv.imread(path)[:, :, 0]; 3-channel PNGs read back the same."""
-    image, mask = data.make_sample(0, 11, SIZE)
+    image, mask = shapes.make_sample(0, 11, SIZE)
     _, path = data.sample_paths(dataset, 11, NUM_IMAGES, NUM_TEST)
     seed_read = cv.imread(str(path))
     assert seed_read.shape == (SIZE, SIZE, 3) and seed_read.dtype == np.uint8
@@ -94,7 +94,7 @@ def test_colour_does_not_give_away_the_class():
     """Shapes of one class come in every colour: the per-shape mean colours spread widely."""
     mean_colors = {1: [], 2: [], 3: []}
     for i in range(40):
-        image, mask = data.make_sample(3, i, 64)
+        image, mask = shapes.make_sample(3, i, 64)
         for c in mean_colors:
             if (mask == c).sum() > 20:
                 mean_colors[c].append(image[mask == c].mean(axis=0))
@@ -107,7 +107,7 @@ def test_shapes_are_large_enough_to_learn():
     one class merge, so only the bulk of the visible pieces is checked."""
     extents = []
     for i in range(30):
-        _, mask = data.make_sample(0, i, 128)
+        _, mask = shapes.make_sample(0, i, 128)
         for c in (1, 2, 3):
             count, _, stats, _ = cv.connectedComponentsWithStats((mask == c).astype(np.uint8))
             extents += [max(w, h) for _, _, w, h, _ in stats[1:count]]
@@ -116,15 +116,15 @@ def test_shapes_are_large_enough_to_learn():
 
 def test_ensure_dataset_uses_a_complete_set_and_regenerates_a_missing_file(dataset, tmp_path):
     messages = []
-    summary = data.ensure_dataset(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=messages.append)
+    summary = shapes.ensure_dataset(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=messages.append)
     assert summary["generated"] is False and "using" in messages[0]
 
     root = tmp_path / "copy"
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     before = all_files(root)
     os.remove(data.sample_paths(root, 3, NUM_IMAGES, NUM_TEST)[0])
     messages.clear()
-    summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=messages.append)
+    summary = shapes.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=messages.append)
     assert summary["generated"] is True and summary["written"] == 1 and summary["kept"] == NUM_IMAGES - 1
     assert "1 of 24 files missing" in messages[0]
     assert all_files(root) == before
@@ -132,52 +132,52 @@ def test_ensure_dataset_uses_a_complete_set_and_regenerates_a_missing_file(datas
 
 def test_other_parameters_are_refused_unless_overwriting(dataset, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
-        data.generate_shapes(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=1)
+        shapes.generate_shapes(dataset, NUM_IMAGES, SIZE, NUM_TEST, seed=1)
     root = tmp_path / "redo"
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
-    summary = data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=1, overwrite=True)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    summary = shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=1, overwrite=True)
     assert summary["written"] == NUM_IMAGES
-    assert json.loads((root / data.MARKER_FILE).read_text())["seed"] == 1
+    assert json.loads((root / shapes.MARKER_FILE).read_text())["seed"] == 1
 
 
 def test_a_generated_folder_is_used_and_completed_with_its_own_seed(tmp_path):
     """The training seed does not decide which data set a folder may hold: its shapes.json does."""
     root = tmp_path / "seed0"
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     before = all_files(root)
     os.remove(data.sample_paths(root, 2, NUM_IMAGES, NUM_TEST)[1])
     messages = []
-    summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=22, log=messages.append)
+    summary = shapes.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=22, log=messages.append)
     assert summary["written"] == 1 and "seed 0" in messages[0]
     assert all_files(root) == before                    # the mask redrawn with seed 0, byte for byte
     with pytest.raises(ValueError, match=f"pass --num-images {NUM_IMAGES} --num-test {NUM_TEST} --image-size {SIZE}"):
-        data.ensure_dataset(root, NUM_IMAGES + 4, SIZE, NUM_TEST, seed=0, log=messages.append)
+        shapes.ensure_dataset(root, NUM_IMAGES + 4, SIZE, NUM_TEST, seed=0, log=messages.append)
 
 
 def test_the_users_own_data_is_never_drawn_into(dataset, tmp_path):
     """Without shapes.json the folder is the user's: a missing image is an error, its mask stays untouched."""
     root = tmp_path / "mine"
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
-    os.remove(root / data.MARKER_FILE)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    os.remove(root / shapes.MARKER_FILE)
     image_path, mask_path = data.sample_paths(root, 3, NUM_IMAGES, NUM_TEST)
     os.remove(image_path)
     cv.imwrite(mask_path, np.full((SIZE, SIZE), 2, np.uint8))      # the user's own mask
     before = all_files(root)
     with pytest.raises(DatasetError) as caught:
-        data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+        shapes.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
     assert caught.value.problems == [(image_path, "missing")]
     assert "read as your own data set and nothing is drawn into it" in str(caught.value)
     assert all_files(root) == before
     with pytest.raises(ValueError, match="did not write"):
-        data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+        shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     assert all_files(root) == before
-    assert data.main(["--out", str(root), "--num-images", str(NUM_IMAGES), "--num-test", str(NUM_TEST)]) == 2
+    assert shapes.main(["--out", str(root), "--num-images", str(NUM_IMAGES), "--num-test", str(NUM_TEST)]) == 2
 
 
 def test_an_interrupted_generation_is_completed_not_taken_for_user_data(tmp_path, monkeypatch):
     root = tmp_path / "interrupted"
     written = []
-    real_write = data.write_image_atomic
+    real_write = shapes.write_image_atomic
 
     def write_then_die(path, array):
         if len(written) == 5:
@@ -185,20 +185,20 @@ def test_an_interrupted_generation_is_completed_not_taken_for_user_data(tmp_path
         written.append(path)
         real_write(path, array)
 
-    monkeypatch.setattr(data, "write_image_atomic", write_then_die)
+    monkeypatch.setattr(shapes, "write_image_atomic", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
-    monkeypatch.setattr(data, "write_image_atomic", real_write)
-    assert json.loads((root / data.MARKER_FILE).read_text())["complete"] is False
-    summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+        shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    monkeypatch.setattr(shapes, "write_image_atomic", real_write)
+    assert json.loads((root / shapes.MARKER_FILE).read_text())["complete"] is False
+    summary = shapes.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
     assert summary["kept"] == 2 and summary["written"] == NUM_IMAGES - 2
-    assert json.loads((root / data.MARKER_FILE).read_text())["complete"] is True
+    assert json.loads((root / shapes.MARKER_FILE).read_text())["complete"] is True
 
 
 def test_an_empty_or_new_folder_is_generated(tmp_path):
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "empty", tmp_path / "new"):
-        summary = data.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
+        summary = shapes.ensure_dataset(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0, log=lambda message: None)
         assert summary["generated"] and summary["written"] == NUM_IMAGES
 
 
@@ -209,12 +209,12 @@ def test_a_long_list_of_problems_is_cut_with_a_count():
 
 
 def test_cli_help_and_generation(tmp_path, capsys):
-    result = subprocess.run([sys.executable, "-m", "unet.data", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "unet.shapes", "--help"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0
     for option in ("--out", "--num-images", "--num-test", "--image-size", "--seed", "--overwrite"):
         assert option in result.stdout
-    data.main(["--out", str(tmp_path / "cli"), "--num-images", "4", "--num-test", "1", "--image-size", "16"])
+    shapes.main(["--out", str(tmp_path / "cli"), "--num-images", "4", "--num-test", "1", "--image-size", "16"])
     assert "wrote 4 images" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "cli" / "test_imgs")) == 1
 
@@ -227,7 +227,7 @@ def make_loader(root, **kwargs):
     dirs = data.dataset_dirs(root)
     options = dict(batch_size=4, num_classes=4, seed=7, image_size=SIZE)
     options.update(kwargs)
-    return data.BatchLoader(range(NUM_IMAGES - NUM_TEST), dirs.train_images, dirs.train_masks, **options)
+    return batches.BatchLoader(range(NUM_IMAGES - NUM_TEST), dirs.train_images, dirs.train_masks, **options)
 
 
 def epoch_ids(batches):
@@ -271,9 +271,9 @@ def test_resume_from_saved_state_gives_the_same_batches(dataset):
 
 def test_batch_generator_loops_like_the_seed(dataset):
     dirs = data.dataset_dirs(dataset)
-    one_epoch = list(data.batch_generator(range(10), dirs.train_images, dirs.train_masks, 5, 4, seed=3, loop=False))
+    one_epoch = list(batches.batch_generator(range(10), dirs.train_images, dirs.train_masks, 5, 4, seed=3, loop=False))
     assert len(one_epoch) == 2
-    endless = data.batch_generator(range(10), dirs.train_images, dirs.train_masks, 5, 4, seed=3)
+    endless = batches.batch_generator(range(10), dirs.train_images, dirs.train_masks, 5, 4, seed=3)
     first_five = [next(endless) for _ in range(5)]
     assert epoch_ids(first_five[:2]) == epoch_ids(one_epoch)
     assert epoch_ids(first_five[2:4]) != epoch_ids(one_epoch)   # the second epoch is reshuffled
@@ -300,7 +300,7 @@ def test_one_hot_and_colour_round_trip():
 def broken(dataset, tmp_path):
     """A copy of the data set with four bad files; returns (root, {path: expected reason})."""
     root = tmp_path / "broken"
-    data.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
+    shapes.generate_shapes(root, NUM_IMAGES, SIZE, NUM_TEST, seed=0)
     paths = {i: data.sample_paths(root, i, NUM_IMAGES, NUM_TEST) for i in range(NUM_IMAGES)}
     with open(paths[1][0], "wb") as f:
         f.write(b"this is not a JPEG")
@@ -334,7 +334,7 @@ def test_the_loader_names_a_bad_file(broken):
     dirs = data.dataset_dirs(root)
     for index, path in ((1, data.sample_paths(root, 1, NUM_IMAGES, NUM_TEST)[0]),
                         (4, data.sample_paths(root, 4, NUM_IMAGES, NUM_TEST)[1])):
-        loader = data.BatchLoader([0, index], dirs.train_images, dirs.train_masks, 2, 4, shuffle=False)
+        loader = batches.BatchLoader([0, index], dirs.train_images, dirs.train_masks, 2, 4, shuffle=False)
         with pytest.raises(DatasetError, match=expected[path].replace("[", r"\[")) as caught:
             next(loader.epoch_batches())
         assert caught.value.problems[0][0] == path

@@ -20,7 +20,7 @@ import pytest
 import train
 from minitensor import Model
 from minitensor.files import atomic_savez, read_npz
-from unet.data import BatchLoader
+from unet.batches import BatchLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-images", "24", "--num-val", "4", "--num-test", "4", "--image-size", "32", "--batch-size", "4",

@@ -11,7 +11,7 @@ import pytest
 import train
 from minitensor import Model, set_seed
 from minitensor.files import read_npz
-from unet import data, report, small_unet
+from unet import report, shapes, small_unet
 from unet.tiling import fit_to_model, mirror
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ TINY = SIZES + ["--batch-size", "4", "--quiet"]
 @pytest.fixture(scope="module")
 def shape_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "shape"
-    data.generate_shapes(root, 20, 32, 4, seed=22)
+    shapes.generate_shapes(root, 20, 32, 4, seed=22)
     return root
 
 
@@ -130,7 +130,7 @@ def test_metrics_json_is_valid_json_when_a_score_is_undefined():
 
 def test_data_made_by_unet_data_with_its_own_seed_is_used(tmp_path, capsys):
     root = tmp_path / "made"
-    assert data.main(["--out", str(root), "--num-images", "20", "--num-test", "4", "--image-size", "32"]) == 0
+    assert shapes.main(["--out", str(root), "--num-images", "20", "--num-test", "4", "--image-size", "32"]) == 0
     before = {p: p.read_bytes() for p in root.rglob("*.png")}
     assert run(tmp_path, root, "--epochs", "1") == 0
     assert "using the 20 images found" in capsys.readouterr().out
@@ -149,7 +149,7 @@ def test_the_users_data_set_with_a_missing_image_is_an_error_and_untouched(tmp_p
 
     root = tmp_path / "mine"
     shutil.copytree(shape_data, root)
-    os.remove(root / data.MARKER_FILE)
+    os.remove(root / shapes.MARKER_FILE)
     os.remove(root / "train_imgs" / "3.jpg")
     mask_before = (root / "train_mask" / "3.png").read_bytes()
     assert run(tmp_path, root, "--epochs", "1") == 2

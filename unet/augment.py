@@ -256,7 +256,7 @@ class Augmenter:
 def _closest_objects_sample(seed, image_size, candidates=200):
     """The index (among the first ``candidates``) of the sample with the most border weight in
     all: the one with the longest narrow gaps between shapes."""
-    from .data import make_sample
+    from .shapes import make_sample
     from .weights import border_weights
 
     return max(range(candidates), key=lambda index: border_weights(make_sample(seed, index, image_size)[1]).sum())
@@ -273,7 +273,8 @@ def save_figure(path, seed=0, image_size=128, num_deformations=3):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import colorize_mask, make_sample
+    from .data import colorize_mask
+    from .shapes import make_sample
     from .weights import SIGMA, W0, border_weights, weight_map
 
     index = _closest_objects_sample(seed, image_size)
