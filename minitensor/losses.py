@@ -14,9 +14,10 @@ per pixel) and a target ``y_true`` of the same shape to one number, in two steps
 So every backward has the same outer factor, ``dL/dy_pred = (w / P)[..., None] * dl/dy_pred``,
 and each class derives only ``dl/dy_pred`` for one pixel in its docstring.
 
-``loss.forward(y_pred, y_true, sample_weight=None)`` (or ``loss(...)``) returns L as a float and
-keeps its inputs; ``loss.backward()`` returns dL/dy_pred with y_pred's shape, dtype and device,
-and frees them.
+``loss.forward(y_pred, y_true, sample_weight=None)`` returns L as a scalar on the inputs' device
+(nothing is read back to the host: a training loop reads it when it needs it) and keeps its
+inputs; ``loss(...)`` returns it as a Python float. ``loss.backward()`` returns dL/dy_pred with
+y_pred's shape, dtype and device, and frees them.
 """
 from __future__ import annotations
 

@@ -152,6 +152,13 @@ class Model:
     def backward(self, dy, from_logits=False, input_grad=True):
         """Run the layers' backward passes in reverse order; returns dL/d(input).
 
+        Why reverse creation order works: a node was created after every node that produced its
+        inputs, so walking backwards, every reader of a tensor has run (and added its share of
+        dL/dtensor) before the tensor's producer pops that gradient. A tensor read twice (an
+        encoder map feeding the next block and a skip connection) gets its two shares added with
+        ``+``, never ``+=``: a share may be a view into another array (Concatenate's backward
+        returns slices of its dy), and adding in place would write into it.
+
         ``from_logits=True`` means dy is the gradient with respect to the output layer's logits
         (its pre-softmax values), so that layer skips its activation's backward.
         ``input_grad=False`` (training) lets the first layer skip dL/d(input); None is returned.

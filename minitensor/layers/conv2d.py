@@ -13,33 +13,53 @@ Forward
         Z     = X_col @ W_col + b      (N*OH*OW, OC)        reshaped to (N, OH, OW, OC)
         y     = activation(Z)
 
-Backward, given dy = dL/dy
-    dZ = activation'(dy)                                    (see activations.py)
-    Z = X_col @ W_col + b is a plain matrix product, so the usual matrix-calculus rules give
+Backward, given dy = dL/dy. The code runs three things; here is where each comes from.
 
-        dW_col = X_col^T @ dZ          (KH*KW*C, OC)        each weight meets every patch
-        db     = 1^T @ dZ              (OC,)                 the bias is added to every row
-        dX_col = dZ @ W_col^T          (N*OH*OW, KH*KW*C)
+    dZ = dy * f'(Z), elementwise: for ReLU, dy where y > 0 (activations.py). A softmax output
+    layer trained on logits gets dZ = dL/dZ straight from the loss and skips this step (losses.py
+    derives p - t and (sigmoid(z) - t)/K; Model.backward passes from_logits).
 
-    and dx = col2im(dX_col): each input pixel appears in several patches (the windows
-    overlap), so col2im *adds* the patch gradients back into place. That sum is the whole
-    difference between im2col and its adjoint.
+    Written per element (x = 0 outside the image, SH = SW = stride, PT, PL = top and left padding):
 
-    With stride 1 we get the same dx more cheaply. Written per element,
+        Z[n, oh, ow, o] = b[o] + sum_{i, j, c} x[n, oh*SH + i - PT, ow*SW + j - PL, c] * W[i, j, c, o]
 
-        dx[n, h, w, c] = sum_{i, j, o} dZ[n, h - i + PT, w - j + PL, o] W[i, j, c, o]
+    Weight gradient: Z is linear in W, and W[i, j, c, o] meets one input value per output pixel:
 
-    and substituting i' = KH-1-i, j' = KW-1-j turns this into an ordinary correlation of dZ
-    (zero-padded by KH-1-PT on top, KW-1-PL on the left) with the kernel flipped in space and
-    with its in/out channels swapped: dx = im2col(dZ) @ W_flip. Same FLOPs, but it never
-    builds dX_col (KH*KW*C values per pixel) nor scatters it back: on the U-Net's 128 px
-    layers this is a third faster. Strided convolutions keep the col2im form.
+        dW[i, j, c, o] = sum_{n, oh, ow} dZ[n, oh, ow, o] * x[n, oh*SH + i - PT, ow*SW + j - PL, c]
+
+    The x factor is X_col[(n, oh, ow), (i, j, c)], so this is dW_col = X_col^T @ dZ, one GEMM
+    over the rows of X_col (rebuilt from x, see below). Bias: db[o] = sum_{n, oh, ow} dZ[n, oh, ow, o]
+    = 1^T @ dZ, computed as a GEMV with a vector of ones (on CuPy far faster than dZ.sum(axis=0)
+    over a tall matrix; the same numbers).
+
+    Input gradient with stride 1 (every convolution of both U-Nets): x[n, h, w, c] meets
+    W[i, j, c, o] in the output pixel (h - i + PT, w - j + PL), so
+
+        dx[n, h, w, c] = sum_{i, j, o} dZ[n, h - i + PT, w - j + PL, o] * W[i, j, c, o]     (dZ = 0 outside)
+
+    and with i' = KH-1-i, j' = KW-1-j this is
+
+        dx[n, h, w, c] = sum_{i', j', o} dZ[n, h + i' - (KH-1-PT), w + j' - (KW-1-PL), o] * W_flip[i', j', o, c]
+        W_flip[i', j', o, c] = W[KH-1-i', KW-1-j', c, o]
+
+    an ordinary stride-1 convolution of dZ, zero-padded by KH-1-PT on top and KW-1-PL on the
+    left, with the kernel flipped in space and its in/out channels swapped: the forward's own
+    code, im2col(dZ) @ W_flip. A 1x1 kernel needs no im2col at all: dx = dZ @ W_col^T.
+
+    Strided convolutions (none in the U-Nets) keep the textbook form: dX_col = dZ @ W_col^T,
+    then dx = col2im(dX_col), which adds each patch's gradient back into the pixels it was
+    copied from (the windows overlap). col2im is used only there; for stride 1 the flipped
+    kernel does the same sum without building dX_col (KH*KW*C values per pixel), a third faster
+    on the 128 px layers.
 
 We keep x, not X_col, for backward and rebuild X_col there: X_col is KH*KW (9x) larger than x,
 and for the 572x572 U-Net storing them all would take many gigabytes. On the CPU, X_col is not
 even built whole: ``column_pieces`` builds it a band of output rows at a time, in the same small
-reused scratch memory, so each piece is still in the cache when the matrix product reads it.
-On the GPU it is built whole, in one launch.
+reused scratch memory, so each piece is still in the cache when the matrix product reads it:
+forward does its GEMM band by band into the output, and dW is the sum of the bands' X_col^T @ dZ
+(the rows of X_col are independent, so only the order of dW's float sums changes). On the GPU it
+is built whole, in one launch, and multiplied with ``@``. tests/test_layers.py checks every path
+against central differences and TensorFlow.
 """
 from __future__ import annotations
 
