@@ -1,12 +1,12 @@
 """Tests of minitensor.kernels.
 
-The chain of trust: the reference kernels are checked against the formulas of docs/CONTRACTS.md
-written out as plain loops; the numba kernels (and, on a GPU machine, the CUDA kernels) are then
-checked against the reference on many shapes, in float32 and float64.
+The chain of trust: the reference kernels are checked against the plain loops of
+minitensor/kernels/naive.py (the formulas of docs/CONTRACTS.md, one element at a time); the numba
+kernels and the CUDA kernels (on a GPU, on the CPU stand-in for CuPy, and compiled as C++ in
+test_cuda_as_cpp.py) are then checked against the reference on many shapes, in float32 and float64.
 """
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitensor import backend, kernels
-from minitensor.kernels import cpu, gpu, reference
+from minitensor.kernels import cpu, gpu, naive, reference
 
 DTYPES = [np.float32, np.float64]
 
@@ -90,49 +90,12 @@ def tolerance(dtype):
     return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
 
 
-# --- the contract, written as plain loops (slow; small shapes only) ---------------------------
-
-def inside(h, w, x_shape):
-    return 0 <= h < x_shape[1] and 0 <= w < x_shape[2]
-
-
-def contract_im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
-    n_batch, _, _, channels = x.shape
-    cols = np.zeros((n_batch * out_h * out_w, kh * kw * channels), dtype=x.dtype)
-    for n, oh, ow, i, j, c in itertools.product(range(n_batch), range(out_h), range(out_w),
-                                                range(kh), range(kw), range(channels)):
-        h, w = oh * sh + i - pad_top, ow * sw + j - pad_left
-        if inside(h, w, x.shape):
-            cols[(n * out_h + oh) * out_w + ow, (i * kw + j) * channels + c] = x[n, h, w, c]
-    return cols
-
-
-def contract_maxpool(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
-    n_batch, _, _, channels = x.shape
-    y = np.empty((n_batch, out_h, out_w, channels), dtype=x.dtype)
-    argmax = np.empty(y.shape, dtype=np.int32)
-    for n, oh, ow, c in itertools.product(range(n_batch), range(out_h), range(out_w), range(channels)):
-        positions = [(oh * sh + i - pad_top, ow * sw + j - pad_left, i * pw + j) for i in range(ph) for j in range(pw)]
-        cells = [(x[n, h, w, c], offset) for h, w, offset in positions if inside(h, w, x.shape)]
-        y[n, oh, ow, c] = max(value for value, _ in cells)
-        argmax[n, oh, ow, c] = min(offset for value, offset in cells if value == y[n, oh, ow, c])
-    return y, argmax
-
-
-def contract_maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left):
-    dx = np.zeros(x_shape, dtype=dy.dtype)
-    for n, oh, ow, c in itertools.product(*map(range, dy.shape)):
-        i, j = divmod(int(argmax[n, oh, ow, c]), pw)
-        dx[n, oh * sh + i - pad_top, ow * sw + j - pad_left, c] += dy[n, oh, ow, c]
-    return dx
-
-
-# --- the reference against the contract -----------------------------------------------------
+# --- the reference against the plain loops of kernels/naive.py -----------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_reference_im2col_matches_contract(case):
     x = random_x(case, np.float64, np.random.default_rng(0))
-    np.testing.assert_array_equal(reference.im2col(x, *case.window), contract_im2col(x, *case.window))
+    np.testing.assert_array_equal(reference.im2col(x, *case.window), naive.im2col(x, *case.window))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -152,13 +115,13 @@ def test_reference_maxpool_matches_contract(case):
     rng = np.random.default_rng(2)
     x = random_x(case, np.float64, rng, ties=True)
     y, argmax = reference.maxpool_forward(x, *case.window)
-    expected_y, expected_argmax = contract_maxpool(x, *case.window)
+    expected_y, expected_argmax = naive.maxpool_forward(x, *case.window)
     np.testing.assert_array_equal(y, expected_y)
     np.testing.assert_array_equal(argmax, expected_argmax)
     assert argmax.dtype == np.int32
     dy = rng.standard_normal(y.shape)
     np.testing.assert_allclose(reference.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]),
-                               contract_maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), rtol=1e-12)
+                               naive.maxpool_backward(dy, argmax, case.x_shape, *case.window[:6]), rtol=1e-12)
 
 
 def test_maxpool_ties_route_the_gradient_like_tensorflow():
@@ -193,8 +156,11 @@ def test_reference_upsample_matches_contract(sh, sw):
     w_index = np.arange(4 * sw) // sw
     y = reference.upsample_forward(x, sh, sw)
     np.testing.assert_array_equal(y, x[:, h_index][:, :, w_index])
+    np.testing.assert_array_equal(y, naive.upsample_forward(x, sh, sw))
     dy = rng.standard_normal(y.shape)
     assert np.vdot(y, dy) == pytest.approx(np.vdot(x, reference.upsample_backward(dy, sh, sw)), rel=1e-12)
+    np.testing.assert_allclose(reference.upsample_backward(dy, sh, sw), naive.upsample_backward(dy, sh, sw),
+                               rtol=1e-12)
 
 
 # --- numba against the reference ------------------------------------------------------------

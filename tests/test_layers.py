@@ -136,6 +136,26 @@ def compare_with_tf(tf, ours, keras_layer, inputs, dtype):
         assert rel_error(ours_grad, tf_grad) < tolerance
 
 
+@pytest.mark.parametrize("stride, padding, kernel", [(1, "same", 3), (1, "valid", 3), (2, "same", 3), (1, "same", 1)])
+def test_conv2d_equals_its_plain_loops(stride, padding, kernel):
+    """The layer's im2col + GEMM paths (flipped kernel for stride 1, col2im for stride 2, the 1x1
+    shortcut) against kernels/naive.py's loops: forward, dx, dW and db."""
+    from minitensor.kernels import naive
+
+    rng = np.random.default_rng(12)
+    layer = layers.Conv2D(4, kernel, stride, padding, dtype=F64, seed=5)
+    x = rng.standard_normal((2, 5, 6, 3))
+    z = layer.forward(x)
+    dz = rng.standard_normal(z.shape)
+    dx = layer.backward(dz)
+    out_h, out_w, pad_top, pad_left = layer._geometry(5, 6)
+    kernel_w, bias = layer.params
+    np.testing.assert_allclose(z, naive.conv2d_forward(x, kernel_w, bias, stride, pad_top, pad_left, out_h, out_w),
+                               rtol=1e-12, atol=1e-12)
+    for ours, plain in zip((dx, *layer.grads), naive.conv2d_backward(dz, x, kernel_w, stride, pad_top, pad_left)):
+        np.testing.assert_allclose(ours, plain, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 def test_conv2d_matches_tensorflow(tf, keras, case, dtype):
