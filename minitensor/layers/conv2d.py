@@ -222,7 +222,9 @@ class Conv2D(Layer):
         """dy (N, OH, OW, OC) -> dx (N, H, W, C); fills self.grads = [dW, db].
 
         With ``from_logits=True``, dy is the gradient with respect to the pre-activation output Z
-        (the logits) and the activation's backward is skipped: see Model.train_on_batch.
+        (the logits) and the activation's backward is skipped: the loss started backward there
+        (losses.py derives p - t and (sigmoid(z) - t)/K; docs/unet_backward.md, section 1, shows
+        the three losses side by side; Model.backward passes the flag to the output layer).
         With ``input_grad=False`` dx is not computed (None is returned): nobody needs the
         gradient of the images fed to the first layer, and it costs as much as dW.
         """
