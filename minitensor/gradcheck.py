@@ -18,6 +18,7 @@ do not divide by zero), and print the worst entries when a check fails.
 From the command line, on any layer or loss::
 
     python -m minitensor.gradcheck conv2d
+    python -m minitensor.gradcheck skip_model    # a whole model: a gradient summed over two paths
     python -m minitensor.gradcheck --all
     python -m minitensor.gradcheck --list
 """
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import layers, losses
+from .layers import Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, UpSampling2D, set_seed
+from .model import Model
 
 DEFAULT_EPS = 1e-6
 DEFAULT_TOLERANCE = 1e-6
@@ -131,6 +134,34 @@ def check_layer(layer, inputs, dout=None, seed=0, eps=DEFAULT_EPS, tolerance=DEF
     return check_gradients(forward, backward, input_list + layer.params, names, dout, eps, tolerance)
 
 
+def check_model(model, x, dout=None, seed=0, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
+    """Gradient-check a whole float64 model: dL/d(input) and every weight, through Model.backward."""
+    x = np.array(x, dtype=np.float64)
+    if dout is None:
+        dout = np.random.default_rng(seed).standard_normal(model.forward(x).shape)
+
+    def backward(upstream):
+        return [model.backward(upstream)] + [g.copy() for g in model.grads]
+
+    names = ["x"] + [f"{layer.name}/{w}" for layer in model.layers for w in layer.weight_names[:len(layer.params)]]
+    return check_gradients(lambda: model.forward(x), backward, [x] + model.params, names, dout, eps, tolerance)
+
+
+def skip_model(dtype="float64", seed=0):
+    """A miniature U-Net: the tensor x1 feeds both the encoder (a max-pool) and a cropped skip
+    connection, so its gradient is the sum of two paths; check_model checks that sum."""
+    set_seed(seed)
+    inputs = Input((10, 10, 2), name="input", dtype=dtype)
+    x1 = Conv2D(3, 3, activation="relu", name="enc1", dtype=dtype)(inputs)            # 8x8
+    x2 = MaxPool2D(2, name="pool", dtype=dtype)(x1)                                    # 4x4
+    x2 = Conv2D(4, 3, padding="same", activation="relu", name="enc2", dtype=dtype)(x2)
+    up = UpSampling2D(2, name="up", dtype=dtype)(x2)                                  # 8x8
+    crop = Cropping2D(0, name="crop", dtype=dtype)(x1)
+    merged = Concatenate(name="concat", dtype=dtype)([crop, up])
+    out = Conv2D(3, 1, activation="softmax", name="out", dtype=dtype)(merged)
+    return Model(inputs, out, name="skip")
+
+
 def check_loss(loss, y_pred, y_true, sample_weight=None, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
     """Gradient-check a loss: the analytic dL/dy_pred against central differences of L."""
     y_pred = np.array(y_pred, dtype=np.float64)
@@ -196,14 +227,17 @@ EXAMPLES = {
     "categorical_crossentropy": _loss_example(lambda: losses.CategoricalCrossentropy(), _one_hot, _probabilities),
     "softmax_cross_entropy": _loss_example(lambda: losses.SoftmaxCrossEntropy(), _one_hot,
                                            lambda rng, shape: _random(rng, *shape)),
+    "skip_model": lambda rng, batch: check_model(skip_model(), _random(rng, batch, 10, 10, 2),
+                                                 seed=int(rng.integers(1 << 30))),
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minitensor.gradcheck",
-                                     description="Check a layer's or loss's backward pass against central "
+                                     description="Check a layer's, loss's or model's backward pass against central "
                                                  "differences in float64.")
-    parser.add_argument("names", nargs="*", help="layers or losses to check (see --list)")
+    parser.add_argument("names", nargs="*", help="layers, losses or skip_model (a miniature U-Net) to check "
+                                                 "(see --list)")
     parser.add_argument("--all", action="store_true", help="check every example")
     parser.add_argument("--list", action="store_true", help="list the examples and exit")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default 2)")
