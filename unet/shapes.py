@@ -267,8 +267,12 @@ def main(argv=None):
     try:
         summary = generate_shapes(args.out, args.num_images, args.image_size, args.num_test, args.seed,
                                   args.overwrite)
-    except (ValueError, OSError) as error:   # DatasetError is a ValueError
+    except ValueError as error:   # DatasetError is a ValueError
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: --out {args.out}: cannot write the data set there ({error.strerror or error}: "
+              f"{error.filename}); give a new or empty folder", file=sys.stderr)
         return 2
     print(f"wrote {summary['written']} images and masks to {summary['root']}, kept {summary['kept']} "
           f"({args.num_images - args.num_test} in train_imgs/train_mask, {args.num_test} in test_imgs/test_mask)")
