@@ -207,8 +207,8 @@ def main(argv=None, on_batch_end=None):
     except RuntimeError as error:
         print(f"error: --device {args.device}: {error}", file=sys.stderr)
         return 2
-    print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if args.device == "auto" and device == "cpu"
-                                 else ""))
+    fallback = args.device == "auto" and device == "cpu"
+    print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
     try:
         trainer, test_ids, dirs = prepare(args)
         trainer.model.to(device)

@@ -301,8 +301,7 @@ class Trainer:
         unread, self._unread = self._unread, []
         if not unread:
             return
-        losses = [loss for _, _, loss in unread]
-        values = backend.to_numpy(backend.get_array_module(*losses).stack(losses)).tolist()
+        values = backend.read_scalars([loss for _, _, loss in unread])
         state = self.state
         for (batch, images, _), value in zip(unread, values):
             if not math.isfinite(value):
@@ -342,7 +341,7 @@ class Trainer:
             images, masks, weights = self._read_batch(loader, ids, augment=False)
             losses.append(self.model.test_step(images, masks, sample_weight=weights))
             sizes.append(len(images))
-        values = backend.to_numpy(backend.get_array_module(*losses).stack(losses)).tolist()   # one read
+        values = backend.read_scalars(losses)   # one read
         total = 0.0
         for value, size in zip(values, sizes):
             total += value * size

@@ -22,8 +22,8 @@ import numpy as np
 from minitensor.backend import get_array_module
 from minitensor.kernels import cpu, gpu, reference
 
-__all__ = ["adam_update", "col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels", "upsample_backward",
-           "upsample_forward", "use_reference", "using_reference"]
+__all__ = ["adam_update", "col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels",
+           "upsample_backward", "upsample_forward", "use_reference", "using_reference"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
