@@ -19,10 +19,9 @@ import argparse
 import os
 import sys
 
+import minitensor  # first, before NumPy (cv2 loads it): minitensor/cpu_threads.py sets what OpenBLAS reads then
 import cv2 as cv
 import numpy as np
-
-import minitensor
 from minitensor import backend
 from unet.data import PALETTE, colorize_mask
 from unet.report import check_writable_folder

@@ -27,9 +27,8 @@ import argparse
 import os
 import sys
 
+import minitensor  # before NumPy: minitensor/cpu_threads.py sets what OpenBLAS reads at load
 import numpy as np
-
-import minitensor
 from minitensor import backend, losses
 from minitensor.files import ModelFileError
 from minitensor.optimizers import Adam

@@ -28,7 +28,7 @@ import statistics
 import time
 from collections import defaultdict
 
-KERNEL_NAMES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "upsample_forward", "upsample_backward")
+KERNEL_NAMES = ("im2col", "col2im", "conv2d_forward", "conv2d_kernel_grad", "maxpool_forward", "maxpool_backward", "upsample_forward", "upsample_backward")
 
 
 def conv_flops(layer, output_shape, batch):

@@ -35,9 +35,10 @@ ENGINE_ALIASES = {"minitensor": "minitensor", "mt": "minitensor", "torch": "torc
                   "tensorflow": "tensorflow", "tf": "tensorflow", "keras": "tensorflow"}
 ENGINE_LABELS = {"minitensor": "minitensor", "torch": "PyTorch", "tensorflow": "TensorFlow"}
 ENGINE_MODULES = {"minitensor": ("numpy", "numba"), "torch": ("torch",), "tensorflow": ("tensorflow", "keras")}
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-                    "NUMBA_THREADING_LAYER", "TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS",
-                    "TF_NUM_INTEROP_THREADS", "CUPY_TF32", "MINITENSOR_KERNELS", "CUDA_VISIBLE_DEVICES")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
+                    "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "TF_ENABLE_ONEDNN_OPTS",
+                    "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "CUPY_TF32", "MINITENSOR_KERNELS",
+                    "MINITENSOR_CONV", "CUDA_VISIBLE_DEVICES")
 PACKAGES = {   # what to report, and the distribution names each may be installed under
     "numpy": ("numpy",), "numba": ("numba",), "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy"),
     "torch": ("torch",), "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-gpu"), "keras": ("keras",),

@@ -99,6 +99,10 @@ def setup_minitensor(workload, args, x, y, info):
         info["notes"].append(f"tf32 {'on' if args.tf32 else 'off'} (minitensor.backend.set_tf32)")
     elif args.tf32:
         info["notes"].append("--tf32 applies to the GPU only")
+    if device == "cpu":
+        threads = ", ".join(f"{name}={entry['value']}{'' if entry['in_effect'] else ' (not in effect)'}"
+                            for name, entry in minitensor.cpu_threads.status().items())
+        info["notes"].append(f"conv algorithm {minitensor.kernels.get_conv_algorithm()}; {threads}")
     minitensor.set_seed(0)
     build = unet.small_unet if workload.model == "small_unet" else unet.unet
     model = build(input_shape=workload.input_shape, num_classes=workload.num_classes)
@@ -262,6 +266,8 @@ def run(args):
         if args.verbose:
             print(f"[{args.engine}/{workload.name}] {message}", file=sys.stderr, flush=True)
 
+    if args.engine == "minitensor":
+        import minitensor  # noqa: F401  before NumPy, as train.py does (minitensor/cpu_threads.py)
     x, y = make_batch(workload)
     try:
         engine = ENGINES[args.engine](workload, args, x, y, info)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -40,6 +38,8 @@ WORKLOADS = {
 
 def make_batch(workload: Workload, seed: int = 0):
     """x uniform in [-1, 1] (the seed's img / 127.5 - 1) and one-hot y, both float32 NHWC."""
+    import numpy as np   # here, not at the top: the minitensor worker imports minitensor before NumPy
+
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 1.0, (workload.batch, *workload.input_shape)).astype(np.float32)
     labels = rng.integers(0, workload.num_classes, (workload.batch, workload.output_size, workload.output_size))

@@ -1,4 +1,6 @@
 """unet: the seed's two U-Nets on minitensor, and the Shape-dataset workflow around them."""
+import minitensor  # noqa: F401  (first: its thread defaults must precede NumPy, see minitensor/cpu_threads.py)
+
 from .models import small_unet, unet
 
 __all__ = ["small_unet", "unet"]

@@ -1,9 +1,10 @@
-"""The hot kernels of minitensor: im2col/col2im for convolution, max pooling, upsampling, Adam's step.
+"""The hot kernels of minitensor: convolution (im2col/col2im, direct), max pooling, upsampling, Adam's step.
 
 Each kernel exists three times with one signature (docs/CONTRACTS.md):
 
 - ``reference.py``: plain array code, the one to read first, and the truth the others are tested against;
-- ``cpu.py``: numba, parallel over output rows, for NumPy arrays;
+- ``cpu.py``: numba, parallel over output rows, for NumPy arrays (``cpu_conv.py``: the direct
+  convolution, numba too);
 - ``gpu.py``: CUDA C compiled by CuPy, for CuPy arrays.
 
 The functions here check their arguments and pick the implementation from the arrays'
@@ -20,9 +21,10 @@ import os
 import numpy as np
 
 from minitensor.backend import get_array_module
-from minitensor.kernels import cpu, gpu, reference
+from minitensor.kernels import cpu, cpu_conv, cpu_winograd, gpu, reference
 
-__all__ = ["adam_update", "col2im", "im2col", "maxpool_backward", "maxpool_forward", "reference_kernels",
+__all__ = ["CONV_ALGORITHMS", "adam_update", "col2im", "conv2d_forward", "conv2d_kernel_grad", "conv_algorithm",
+           "get_conv_algorithm", "im2col", "set_conv_algorithm", "maxpool_backward", "maxpool_forward", "reference_kernels",
            "upsample_backward", "upsample_forward", "use_reference", "using_reference"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -36,6 +38,43 @@ def _reference_requested_by_environment() -> bool:
 
 
 _use_reference = _reference_requested_by_environment()
+
+#: The choices of ``set_conv_algorithm``.
+CONV_ALGORITHMS = ("auto", "winograd", "direct", "gemm")
+#: The CPU implementations of ``conv2d_forward`` and ``conv2d_kernel_grad``.
+_CPU_CONV = {"direct": cpu_conv, "winograd": cpu_winograd}
+
+
+def _check_conv_algorithm(name, source):
+    choice = str(name).strip().lower()
+    if choice not in CONV_ALGORITHMS:
+        raise ValueError(f"{source}={name!r}: expected one of {', '.join(CONV_ALGORITHMS)}")
+    return choice
+
+
+_conv_algorithm = _check_conv_algorithm(os.environ.get("MINITENSOR_CONV", "auto") or "auto", "MINITENSOR_CONV")
+
+
+def set_conv_algorithm(name: str) -> None:
+    """How Conv2D runs stride-1 convolutions on the CPU: 'auto', 'direct' or 'gemm' (see above)."""
+    global _conv_algorithm
+    _conv_algorithm = _check_conv_algorithm(name, "conv algorithm")
+
+
+def get_conv_algorithm() -> str:
+    """The current choice of set_conv_algorithm."""
+    return _conv_algorithm
+
+
+@contextlib.contextmanager
+def conv_algorithm(name: str):
+    """``with conv_algorithm("gemm"): ...`` runs the block with that choice."""
+    previous = _conv_algorithm
+    set_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        set_conv_algorithm(previous)
 
 
 def use_reference(flag: bool = True) -> None:
@@ -124,6 +163,55 @@ def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
         raise ValueError(f"cols has shape {tuple(cols.shape)}, but x_shape {x_shape} with a {kh}x{kw} kernel "
                          f"and a {out_h}x{out_w} output needs {expected}")
     return _implementation(cols).col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w)
+
+
+def _check_conv_operands(x, second_name, second, kernel_h, kernel_w, pad_top, pad_left, out_h, out_w):
+    _check_float_array("x", x, 4)
+    _check_float_array(second_name, second, 4)
+    _check_window(kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)
+    get_array_module(x, second)   # same device, or a clear error
+    if second.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but {second_name} is {second.dtype}: use one dtype")
+
+
+def _conv_module(x, second, algorithm, kernel_h, kernel_w):
+    if algorithm not in _CPU_CONV:
+        raise ValueError(f"algorithm must be one of {', '.join(_CPU_CONV)}, got {algorithm!r}")
+    if algorithm == "winograd" and (kernel_h, kernel_w) != (3, 3):
+        raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, got {kernel_h}x{kernel_w}: use algorithm='direct'")
+    module = _implementation(x, second)
+    return _CPU_CONV[algorithm] if module is cpu else reference
+
+
+def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False, algorithm="direct"):
+    """Stride-1 convolution, bias and (optionally) ReLU in one call: y (N, out_h, out_w, OC).
+
+    See reference.conv2d_forward (im2col + GEMM) for the definition. NumPy arrays take
+    cpu_conv.py (``algorithm="direct"``) or cpu_winograd.py (``"winograd"``, 3x3 kernels only);
+    CuPy arrays take the reference (Conv2D uses im2col + cuBLAS on the GPU instead).
+    """
+    _check_float_array("kernel", kernel, 4)
+    _check_conv_operands(x, "kernel", kernel, kernel.shape[0], kernel.shape[1], pad_top, pad_left, out_h, out_w)
+    if kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]} input channels, x has {x.shape[3]}")
+    if bias is not None and tuple(bias.shape) != (kernel.shape[3],):
+        raise ValueError(f"bias must have shape ({kernel.shape[3]},), got {tuple(bias.shape)}")
+    module = _conv_module(x, kernel, algorithm, kernel.shape[0], kernel.shape[1])
+    return module.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=bool(relu))
+
+
+def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left, algorithm="direct"):
+    """dW (KH, KW, C, OC) of a stride-1 convolution from its input x and dZ (N, OH, OW, OC).
+
+    See reference.conv2d_kernel_grad (im2col^T @ dZ); NumPy arrays take cpu_conv.py or
+    cpu_winograd.py as in conv2d_forward.
+    """
+    _check_float_array("dz", dz, 4)
+    _check_conv_operands(x, "dz", dz, kernel_h, kernel_w, pad_top, pad_left, dz.shape[1], dz.shape[2])
+    if dz.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} images but dz has {dz.shape[0]}")
+    module = _conv_module(x, dz, algorithm, kernel_h, kernel_w)
+    return module.conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left)
 
 
 def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):

@@ -124,6 +124,36 @@ def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     return _crop(dx_pad, x_shape, pad_top, pad_left)
 
 
+def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False):
+    """A stride-1 convolution as one matrix product: relu?(im2col(x) @ W_col + b).
+
+    x (N, H, W, C); kernel (KH, KW, C, OC) "HWIO"; bias (OC,) or None. Returns y
+    (N, out_h, out_w, OC) with y[n, oh, ow, o] = b[o] + sum_{i,j,c} x[n, oh+i-pad_top, ow+j-pad_left, c]
+    * kernel[i, j, c, o] (x = 0 outside the image), then max(., 0) if ``relu``. This is the
+    twin that ``cpu_conv.conv2d_forward`` (direct convolution, no im2col) is tested against.
+    """
+    kernel_h, kernel_w, _, out_channels = kernel.shape
+    cols = im2col(x, kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)
+    y = cols @ kernel.reshape(-1, out_channels)
+    if bias is not None:
+        y += bias
+    if relu:
+        xp = get_array_module(y)
+        y = xp.maximum(y, 0, out=y)
+    return y.reshape(x.shape[0], out_h, out_w, out_channels)
+
+
+def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left):
+    """dW = im2col(x)^T @ dZ for a stride-1 convolution, shaped like the kernel (KH, KW, C, OC).
+
+    dz (N, out_h, out_w, OC) is the gradient at the layer's pre-activation output; dW[i, j, c, o]
+    = sum_{n,oh,ow} x[n, oh+i-pad_top, ow+j-pad_left, c] * dz[n, oh, ow, o] (conv2d.py derives it).
+    """
+    _, out_h, out_w, out_channels = dz.shape
+    cols = im2col(x, kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)
+    return (cols.T @ dz.reshape(-1, out_channels)).reshape(kernel_h, kernel_w, x.shape[3], out_channels)
+
+
 def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
     """Max over each ph x pw window of x, and where in the window that maximum is.
 

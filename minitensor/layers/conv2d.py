@@ -131,6 +131,27 @@ def convolve_as_gemm(x, kernel_size, strides, pad_top, pad_left, out_h, out_w, m
     return out
 
 
+#: Where ``conv_algorithm("auto")`` uses Winograd (see prefers_winograd).
+WINOGRAD_MIN_PIXELS = 128 * 128
+WINOGRAD_MIN_CHANNELS = 8
+WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
+
+
+def prefers_winograd(pixels, in_channels, out_channels):
+    """Whether 'auto' gives a 3x3 stride-1 layer Winograd F(2x2, 3x3) instead of im2col + GEMM.
+
+    ``pixels`` is N*OH*OW, the output pixels of the whole batch. Measured per layer shape on the
+    2-core EPYC (docs/benchmarks.md, "Choosing the algorithm"): Winograd's 2.25x fewer
+    multiplications win on the wide images with few channels, where BLAS is slowest (about
+    1.4-1.8x at 128 px and 32-64 channels, small_unet b16, and at 138-570 px, unet b1). It loses
+    where its fixed costs are not repaid (fewer than 128x128 output pixels in the batch), on
+    the first layer (3 channels, padded to 4, where the transforms outweigh the products) and
+    where the transformed kernel (16 x C x OC) is too large to stay in the cache.
+    """
+    return (pixels >= WINOGRAD_MIN_PIXELS and in_channels >= WINOGRAD_MIN_CHANNELS
+            and in_channels * out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT)
+
+
 class Conv2D(Layer):
     """2-D convolution with Keras's constructor: ``Conv2D(64, (3, 3), (1, 1), 'valid', activation='relu')``.
 
@@ -196,6 +217,27 @@ class Conv2D(Layer):
         """A 1x1 conv with stride 1 is already a matrix product: each pixel is its own patch."""
         return self.kernel_size == (1, 1) and self.strides == (1, 1)
 
+    def _fast_algorithm(self, x, out_h, out_w):
+        """The CPU kernel this call runs instead of im2col + GEMM: 'winograd', 'direct' or None.
+
+        Set by kernels.set_conv_algorithm: 'auto' (the default) gives Winograd to the 3x3
+        stride-1 layers where it measured faster (``prefers_winograd``) and im2col + GEMM to the
+        rest; 'winograd' gives it to every 3x3 stride-1 layer; 'direct' sends every stride-1
+        layer to the direct kernel; 'gemm' keeps im2col + GEMM everywhere. Pointwise (1x1)
+        layers, strided ones and the GPU always keep the matrix product."""
+        choice = kernels.get_conv_algorithm()
+        if choice == "gemm" or self.strides != (1, 1) or self._is_pointwise():
+            return None
+        if backend.get_array_module(x) is not np:
+            return None
+        if choice == "direct":
+            return "direct"
+        if self.kernel_size != (3, 3):
+            return None
+        if choice == "winograd" or prefers_winograd(x.shape[0] * out_h * out_w, x.shape[-1], self.filters):
+            return "winograd"
+        return None
+
     def forward(self, x):
         """x (N, H, W, C) -> y (N, OH, OW, OC)."""
         self._check_input(x)
@@ -204,16 +246,25 @@ class Conv2D(Layer):
         geometry = self._geometry(x.shape[1], x.shape[2])
         out_h, out_w, pad_top, pad_left = geometry
         kernel_matrix = self.params[0].reshape(-1, self.filters)      # W_col, a free reshape of HWIO
-        if self._is_pointwise():
-            z = (x.reshape(-1, x.shape[-1]) @ kernel_matrix).reshape(x.shape[0], out_h, out_w, self.filters)
+        algorithm = self._fast_algorithm(x, out_h, out_w)
+        if algorithm is not None:
+            # The same sums without im2col (kernels/cpu_winograd.py, cpu_conv.py), bias and ReLU in one pass.
+            bias = self.params[1] if self.use_bias else None
+            z = kernels.conv2d_forward(x, self.params[0], bias, pad_top, pad_left, out_h, out_w,
+                                       relu=self.activation == "relu", algorithm=algorithm)
+            y = z if self.activation == "relu" else activation_forward(self.activation, z)
         else:
-            z = convolve_as_gemm(x, self.kernel_size, self.strides, pad_top, pad_left, out_h, out_w, kernel_matrix)
-        if self.use_bias:
-            z += self.params[1]
-        if self.activation == "relu":
-            y = backend.get_array_module(z).maximum(z, 0, out=z)   # z is ours: no second array
-        else:
-            y = activation_forward(self.activation, z)
+            if self._is_pointwise():
+                z = (x.reshape(-1, x.shape[-1]) @ kernel_matrix).reshape(x.shape[0], out_h, out_w, self.filters)
+            else:
+                z = convolve_as_gemm(x, self.kernel_size, self.strides, pad_top, pad_left, out_h, out_w,
+                                     kernel_matrix)
+            if self.use_bias:
+                z += self.params[1]
+            if self.activation == "relu":
+                y = backend.get_array_module(z).maximum(z, 0, out=z)   # z is ours: no second array
+            else:
+                y = activation_forward(self.activation, z)
         # Softmax's logits are kept for losses that take logits (pre_activation); ReLU needs only y.
         self._cache = (x, y, z if self.activation == "softmax" else None, geometry)
         return y
@@ -234,7 +285,8 @@ class Conv2D(Layer):
         dz = xp.ascontiguousarray(dz)                                  # (N, OH, OW, OC)
         dz_matrix = dz.reshape(-1, self.filters)                      # dZ, one row per output pixel
         kernel_matrix = self.params[0].reshape(-1, self.filters)
-        self.grads[0] = self._kernel_gradient(x, dz, geometry).reshape(self.params[0].shape)
+        algorithm = self._fast_algorithm(x, geometry[0], geometry[1])
+        self.grads[0] = self._kernel_gradient(x, dz, geometry, algorithm).reshape(self.params[0].shape)
         if self.use_bias:
             # A GEMV with a ones vector: much faster than dz.sum(axis=0) on a tall matrix (CuPy).
             self.grads[1] = xp.ones(dz_matrix.shape[0], dtype=dz.dtype) @ dz_matrix
@@ -243,16 +295,19 @@ class Conv2D(Layer):
         if self._is_pointwise():
             return (dz_matrix @ kernel_matrix.T).reshape(x.shape)
         if self.strides == (1, 1):
-            return self._input_gradient_by_flipped_kernel(dz, x.shape, geometry)
+            return self._input_gradient_by_flipped_kernel(dz, x.shape, geometry, algorithm)
         dcols = dz_matrix @ kernel_matrix.T                               # dX_col = dZ @ W_col^T
         out_h, out_w, pad_top, pad_left = geometry
         return kernels.col2im(dcols, x.shape, *self.kernel_size, *self.strides, pad_top, pad_left, out_h, out_w)
 
-    def _kernel_gradient(self, x, dz, geometry):
-        """dW_col = X_col^T @ dZ, summed piece by piece over the pieces of X_col (see column_pieces)."""
+    def _kernel_gradient(self, x, dz, geometry, algorithm):
+        """dW_col = X_col^T @ dZ, summed piece by piece over the pieces of X_col (see column_pieces);
+        or the same sums by a fast CPU kernel (``algorithm``), which never builds X_col."""
         if self._is_pointwise():
             return x.reshape(-1, x.shape[-1]).T @ dz.reshape(-1, self.filters)
         out_h, out_w, pad_top, pad_left = geometry
+        if algorithm is not None:
+            return kernels.conv2d_kernel_grad(x, dz, *self.kernel_size, pad_top, pad_left, algorithm=algorithm)
         grad = None
         for images, rows, cols in column_pieces(x, self.kernel_size, self.strides, pad_top, pad_left, out_h, out_w):
             piece = cols.T @ dz[images, rows].reshape(-1, self.filters)
@@ -262,12 +317,17 @@ class Conv2D(Layer):
                 grad += piece
         return grad
 
-    def _input_gradient_by_flipped_kernel(self, dz, x_shape, geometry):
-        """Stride 1: dx = im2col(dZ, padded by K-1-P) @ W flipped in space, channels swapped."""
+    def _input_gradient_by_flipped_kernel(self, dz, x_shape, geometry, algorithm):
+        """Stride 1: dx = im2col(dZ, padded by K-1-P) @ W flipped in space, channels swapped
+        (or that convolution by a fast CPU kernel)."""
         _, _, pad_top, pad_left = geometry
         kernel_h, kernel_w = self.kernel_size
         xp = backend.get_array_module(dz)
-        flipped = xp.ascontiguousarray(self.params[0][::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, x_shape[-1])
+        flipped = xp.ascontiguousarray(self.params[0][::-1, ::-1].transpose(0, 1, 3, 2))   # (KH, KW, OC, C)
+        if algorithm is not None:
+            return kernels.conv2d_forward(dz, flipped, None, kernel_h - 1 - pad_top, kernel_w - 1 - pad_left,
+                                          x_shape[1], x_shape[2], algorithm=algorithm)
+        flipped = flipped.reshape(-1, x_shape[-1])
         return convolve_as_gemm(dz, self.kernel_size, (1, 1), kernel_h - 1 - pad_top, kernel_w - 1 - pad_left,
                                 x_shape[1], x_shape[2], flipped)
 
