@@ -1,0 +1,274 @@
+"""The CPU's fast convolutions (Winograd F(2x2, 3x3) and the direct kernel) against their plain twin.
+
+The chain of trust: reference.conv2d_forward / conv2d_kernel_grad (im2col + GEMM) equal the loops
+of kernels/naive.py; cpu_winograd.py and cpu_conv.py equal the reference on many shapes, in
+float32 and float64; and Conv2D under every ``conv_algorithm`` passes the float64
+central-difference check and matches live TensorFlow (test_layers.py's cases).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import rel_error
+from test_layers import CONV_CASES, F64, compare_with_tf, conv_case_id
+
+from minitensor import kernels, layers
+from minitensor.gradcheck import check_layer
+from minitensor.kernels import cpu_conv, cpu_winograd, naive, reference
+from minitensor.layers.conv2d import prefers_winograd
+
+ALGORITHMS = ["gemm", "winograd", "direct"]
+FAST = ["winograd", "direct"]
+#: Largest |fast - reference| / max|reference| allowed (Winograd's transforms add a few roundings).
+RELATIVE = {np.float32: 2e-6, np.float64: 1e-13}
+
+# (N, H, W, C, OC, kernel, padding): odd sizes (half tiles), widths that leave 1-5 pixels over
+# the 4- and 6-pixel blocks, channels that are not a multiple of 4, and OC = 32 (the
+# register-blocked direct kernel) next to 31 and 33.
+SHAPES = [
+    (1, 5, 5, 1, 1, 3, "same"),
+    (2, 9, 11, 3, 5, 3, "same"),
+    (2, 10, 13, 8, 7, 3, "valid"),
+    (1, 7, 7, 4, 32, 3, "same"),
+    (2, 6, 17, 5, 32, 3, "same"),
+    (1, 8, 9, 6, 31, 3, "valid"),
+    (1, 6, 10, 12, 33, 3, "same"),
+    (2, 4, 4, 16, 64, 3, "same"),
+    (1, 6, 7, 3, 4, 2, "valid"),
+    (1, 8, 8, 4, 6, 5, "same"),
+]
+
+
+def shape_id(shape):
+    n, h, w, c, oc, k, padding = shape
+    return f"n{n}-{h}x{w}x{c}-oc{oc}-k{k}-{padding}"
+
+
+def geometry(h, w, k, padding):
+    if padding == "valid":
+        return h - k + 1, w - k + 1, 0, 0
+    return h, w, (k - 1) // 2, (k - 1) // 2
+
+
+def operands(shape, dtype, seed=0):
+    n, h, w, c, oc, k, padding = shape
+    rng = np.random.default_rng(seed)
+    out_h, out_w, pad_top, pad_left = geometry(h, w, k, padding)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    kernel = rng.standard_normal((k, k, c, oc)).astype(dtype)
+    bias = rng.standard_normal(oc).astype(dtype)
+    dz = rng.standard_normal((n, out_h, out_w, oc)).astype(dtype)
+    return x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w)
+
+
+def assert_close(ours, plain, dtype):
+    assert ours.shape == plain.shape and ours.dtype == plain.dtype
+    assert np.abs(ours - plain).max() <= RELATIVE[dtype] * np.abs(plain).max()
+
+
+def algorithms_for(shape):
+    return FAST if shape[5] == 3 else ["direct"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_reference_equals_the_plain_loops(shape):
+    x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w) = operands(shape, np.float64)
+    y = reference.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w)
+    np.testing.assert_allclose(y, naive.conv2d_forward(x, kernel, bias, 1, pad_top, pad_left, out_h, out_w),
+                               rtol=1e-12, atol=1e-12)
+    _, grad_kernel, _ = naive.conv2d_backward(dz, x, kernel, 1, pad_top, pad_left)
+    np.testing.assert_allclose(reference.conv2d_kernel_grad(x, dz, kernel.shape[0], kernel.shape[1], pad_top, pad_left),
+                               grad_kernel, rtol=1e-12, atol=1e-12)
+    relu = reference.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=True)
+    np.testing.assert_array_equal(relu, np.maximum(y, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_fast_kernels_match_reference(shape, dtype):
+    x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w) = operands(shape, dtype)
+    kernel_h, kernel_w = kernel.shape[:2]
+    for algorithm in algorithms_for(shape):
+        for use_bias, relu in ((True, False), (False, True), (True, True)):
+            b = bias if use_bias else None
+            ours = kernels.conv2d_forward(x, kernel, b, pad_top, pad_left, out_h, out_w, relu=relu, algorithm=algorithm)
+            assert_close(ours, reference.conv2d_forward(x, kernel, b, pad_top, pad_left, out_h, out_w, relu=relu),
+                         dtype)
+        ours = kernels.conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left, algorithm=algorithm)
+        assert_close(ours, reference.conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left), dtype)
+
+
+@pytest.mark.parametrize("algorithm", FAST)
+def test_fast_kernels_repeat_bit_for_bit_whatever_the_thread_count(algorithm):
+    """Sums are split by the shape (tiles, pixel blocks, row bands), never by the threads."""
+    import numba
+
+    x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w) = operands((3, 20, 18, 8, 32, 3, "same"), np.float32)
+    runs = []
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, previous}):
+            numba.set_num_threads(threads)
+            runs.append((kernels.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, algorithm=algorithm),
+                         kernels.conv2d_kernel_grad(x, dz, 3, 3, pad_top, pad_left, algorithm=algorithm)))
+    finally:
+        numba.set_num_threads(previous)
+    runs.append((kernels.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, algorithm=algorithm),
+                 kernels.conv2d_kernel_grad(x, dz, 3, 3, pad_top, pad_left, algorithm=algorithm)))
+    for y, grad in runs[1:]:
+        np.testing.assert_array_equal(y, runs[0][0])
+        np.testing.assert_array_equal(grad, runs[0][1])
+
+
+def test_kernel_gradient_bands_split_the_sum_without_changing_it(monkeypatch):
+    x, _, _, dz, (pad_top, pad_left, _, _) = operands((2, 12, 10, 4, 8, 3, "same"), np.float64)
+    one_band = {}
+    for algorithm in FAST:
+        monkeypatch.setattr(cpu_conv, "MAX_BANDS", 1)
+        one_band[algorithm] = kernels.conv2d_kernel_grad(x, dz, 3, 3, pad_top, pad_left, algorithm=algorithm)
+        monkeypatch.setattr(cpu_conv, "MAX_BANDS", 7)
+        many = kernels.conv2d_kernel_grad(x, dz, 3, 3, pad_top, pad_left, algorithm=algorithm)
+        np.testing.assert_allclose(many, one_band[algorithm], rtol=1e-13, atol=1e-13)
+    assert cpu_conv.partial_bands(rows=3, partial_bytes=10) == 3
+    assert cpu_conv.partial_bands(rows=1000, partial_bytes=cpu_conv.BANDS_BYTES // 2) == 2
+
+
+def test_winograd_transforms_are_the_papers():
+    """U = G g G^T of a one-hot 3x3 kernel, and dW = G^T dU G undoing the sum over the tile."""
+    kernel = np.zeros((3, 3, 1, 1))
+    kernel[1, 1, 0, 0] = 1.0                   # the centre tap: G[:, 1] outer G[:, 1]
+    u = cpu_winograd.transform_kernel(kernel, 4)[:, 0, 0].reshape(4, 4)
+    middle = np.array([0.0, 0.5, -0.5, 0.0])
+    np.testing.assert_array_equal(u, np.outer(middle, middle))
+    grad_u = np.random.default_rng(0).standard_normal((16, 4, 2))
+    g = np.array(cpu_winograd._G)
+    expected = np.einsum("ai,abco,bj->ijco", g, grad_u.reshape(4, 4, 4, 2), g)[:, :, :3]
+    np.testing.assert_allclose(cpu_winograd.untransform_kernel_grad(grad_u, 3), expected)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
+def test_conv2d_gradcheck_under_every_algorithm(case, algorithm):
+    n, h, w, c, filters, kernel, stride, padding, activation, use_bias = case
+    rng = np.random.default_rng(0)
+    with kernels.conv_algorithm(algorithm):
+        layer = layers.Conv2D(filters, kernel, stride, padding, activation=activation, use_bias=use_bias, dtype=F64,
+                              seed=1)
+        layer.build((h, w, c))
+        if use_bias:
+            layer.set_weights([layer.params[0], rng.standard_normal(filters) * 0.1])
+        result = check_layer(layer, rng.standard_normal((n, h, w, c)), seed=2)
+    assert result.passed, result.report()
+
+
+@pytest.mark.parametrize("algorithm", FAST)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
+def test_conv2d_matches_tensorflow_under_every_algorithm(tf, keras, case, dtype, algorithm):
+    n, h, w, c, filters, kernel, stride, padding, activation, use_bias = case
+    rng = np.random.default_rng(1)
+    with kernels.conv_algorithm(algorithm):
+        ours = layers.Conv2D(filters, kernel, stride, padding, activation=activation, use_bias=use_bias, dtype=dtype,
+                             seed=3)
+        ours.build((h, w, c))
+        if use_bias:
+            ours.set_weights([ours.params[0], rng.standard_normal(filters) * 0.1])
+        keras_layer = keras.layers.Conv2D(filters, kernel, stride, padding, activation=activation,
+                                          use_bias=use_bias, dtype=dtype)
+        compare_with_tf(tf, ours, keras_layer, [rng.standard_normal((n, h, w, c))], dtype)
+
+
+def test_each_layer_takes_the_algorithm_it_should():
+    def chosen(choice, kernel=3, stride=1, images=1, size=128, channels=32, filters=32):
+        layer = layers.Conv2D(filters, kernel, stride, "same", seed=0)
+        layer.build((size, size, channels))
+        with kernels.conv_algorithm(choice):
+            return layer._fast_algorithm(np.zeros((images, size, size, channels), np.float32), size, size)
+
+    assert chosen("auto") == "winograd"                       # 128x128 output pixels, 32 channels
+    assert chosen("auto", size=64) is None                    # too few pixels to repay the transforms
+    assert chosen("auto", size=64, images=4) == "winograd"    # ... unless the batch makes them up
+    assert chosen("auto", channels=3) is None                 # the first layer
+    assert chosen("auto", channels=512, filters=512) is None  # transformed kernel too large
+    assert chosen("auto", kernel=1) is None and chosen("auto", stride=2) is None and chosen("auto", kernel=5) is None
+    assert chosen("winograd", size=8) == "winograd" and chosen("winograd", kernel=5) is None
+    assert chosen("direct", kernel=5, size=8) == "direct" and chosen("direct", kernel=1) is None
+    assert chosen("gemm") is None
+    assert prefers_winograd(128 * 128, 8, 32) and not prefers_winograd(128 * 128 - 1, 8, 32)
+
+
+def test_a_unet_step_is_the_same_under_every_algorithm():
+    """One small_unet step at 128 px (where 'auto' takes Winograd on the full-resolution layers):
+    every algorithm gives the gemm path's loss and weights, to float64 rounding."""
+    import minitensor
+    from unet import small_unet
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (1, 128, 128, 3))
+    y = np.eye(4)[rng.integers(0, 4, (1, 128, 128))]
+    results = {}
+    for algorithm in ALGORITHMS + ["auto"]:
+        with kernels.conv_algorithm(algorithm):
+            minitensor.set_seed(0)
+            model = small_unet(base_filters=8, dtype="float64")
+            model.compile(minitensor.optimizers.Adam(1e-3), minitensor.losses.BinaryCrossentropy(from_logits=True))
+            results[algorithm] = (model.train_on_batch(x, y), [w.copy() for w in model.get_weights()])
+    loss, weights = results["gemm"]
+    for algorithm, (other_loss, other_weights) in results.items():
+        assert abs(other_loss - loss) < 1e-12, algorithm
+        assert max(rel_error(a, b) for a, b in zip(other_weights, weights)) < 1e-9, algorithm
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x, k: kernels.conv2d_forward(x, k[:2, :2], None, 0, 0, 5, 5, algorithm="winograd"), ValueError,
+     "needs a 3x3 kernel"),
+    (lambda x, k: kernels.conv2d_forward(x, k, None, 1, 1, 6, 6, algorithm="fft"), ValueError, "algorithm must be"),
+    (lambda x, k: kernels.conv2d_forward(x, k.astype(np.float64), None, 1, 1, 6, 6), TypeError, "use one dtype"),
+    (lambda x, k: kernels.conv2d_forward(x, k, np.zeros(3, np.float32), 1, 1, 6, 6), ValueError, "bias must have"),
+    (lambda x, k: kernels.conv2d_forward(x[..., :1], k, None, 1, 1, 6, 6), ValueError, "input channels"),
+    (lambda x, k: kernels.conv2d_kernel_grad(x, x[:1], 3, 3, 1, 1), ValueError, "images"),
+])
+def test_bad_arguments_are_clear_errors(call, error, message):
+    x = np.zeros((2, 6, 6, 2), np.float32)
+    kernel = np.zeros((3, 3, 2, 4), np.float32)
+    with pytest.raises(error, match=message):
+        call(x, kernel)
+
+
+def test_the_algorithm_switch(monkeypatch):
+    assert kernels.get_conv_algorithm() == "auto"
+    with kernels.conv_algorithm("gemm"):
+        assert kernels.get_conv_algorithm() == "gemm"
+    assert kernels.get_conv_algorithm() == "auto"
+    with pytest.raises(ValueError, match="expected one of auto, winograd, direct, gemm"):
+        kernels.set_conv_algorithm("fastest")
+    environment = dict(os.environ, MINITENSOR_CONV="nope")
+    result = subprocess.run([sys.executable, "-c", "import minitensor"], env=environment, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "MINITENSOR_CONV='nope'" in result.stderr
+    environment["MINITENSOR_CONV"] = "Direct"
+    result = subprocess.run([sys.executable, "-c", "import minitensor; print(minitensor.kernels.get_conv_algorithm())"],
+                            env=environment, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "direct"
+
+
+def run_python(code, **environment):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    env.update(environment)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def test_thread_defaults_apply_when_minitensor_comes_before_numpy():
+    code = "import minitensor, os; s = minitensor.cpu_threads.status(); print(os.environ['OPENBLAS_THREAD_TIMEOUT'], " \
+           "s['OPENBLAS_THREAD_TIMEOUT']['in_effect'], os.environ['OMP_WAIT_POLICY'])"
+    assert run_python(code) == "4 True PASSIVE"
+    late = "import numpy, minitensor, os; s = minitensor.cpu_threads.status(); " \
+           "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), s['OPENBLAS_THREAD_TIMEOUT']['in_effect'])"
+    assert run_python(late) == "None False"
+    assert run_python(late, OPENBLAS_THREAD_TIMEOUT="8") == "8 True"      # the user's own setting wins
+    assert run_python("import unet, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])") == "4"
