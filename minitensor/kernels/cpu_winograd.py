@@ -130,7 +130,7 @@ def _input_tiles(x_pad, n, row, first, count, v, offset):
 
 @_jit
 def _forward_kernel(x_pad, u, bias, y, relu):
-    """y = relu?(bias + 3x3 stride-1 convolution), TILES_PER_TASK output tiles per task.
+    """y = relu?(bias + 3x3 stride-1 convolution), one row of output tiles per task.
 
     x_pad (N, 2*tiles_h + 2, 2*tiles_w + 2, C4), C4 % 4 == 0; u (16, C4, OC) the transformed
     kernel; bias (OC,); y (N, OH, OW, OC), every element written once (rows and columns past an
@@ -139,54 +139,56 @@ def _forward_kernel(x_pad, u, bias, y, relu):
     out_channels = u.shape[2]
     _, out_h, out_w, _ = y.shape
     tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
-    blocks = (tiles_w + TILES_PER_TASK - 1) // TILES_PER_TASK
-    for task in prange(n_batch * tiles_h * blocks):
-        n, rest = divmod(np.int64(task), tiles_h * blocks)
-        tile_row, block = divmod(rest, blocks)
-        first = block * TILES_PER_TASK
-        count = min(TILES_PER_TASK, tiles_w - first)
-        v = np.zeros((16, TILES_PER_TASK, channels), dtype=x_pad.dtype)   # a short last block reads zeros
-        m = np.zeros((16, TILES_PER_TASK, out_channels), dtype=x_pad.dtype)
-        _input_tiles(x_pad, n, 2 * tile_row, first, count, v, 0)
-        # M[e] = V[e] @ U[e]: 4 tiles x 4 channels at a time, vectorised over the contiguous o
-        for e in range(16):
-            for c in range(0, channels, 4):
-                v00, v01, v02, v03 = v[e, 0, c], v[e, 0, c + 1], v[e, 0, c + 2], v[e, 0, c + 3]
-                v10, v11, v12, v13 = v[e, 1, c], v[e, 1, c + 1], v[e, 1, c + 2], v[e, 1, c + 3]
-                v20, v21, v22, v23 = v[e, 2, c], v[e, 2, c + 1], v[e, 2, c + 2], v[e, 2, c + 3]
-                v30, v31, v32, v33 = v[e, 3, c], v[e, 3, c + 1], v[e, 3, c + 2], v[e, 3, c + 3]
+    for task in prange(n_batch * tiles_h):
+        n, tile_row = divmod(np.int64(task), tiles_h)
+        # One task per row of tiles, its blocks in turn: the two buffers are allocated once per row.
+        v = np.zeros((16, TILES_PER_TASK, channels), dtype=x_pad.dtype)
+        m = np.empty((16, TILES_PER_TASK, out_channels), dtype=x_pad.dtype)
+        for first in range(0, tiles_w, TILES_PER_TASK):
+            count = min(TILES_PER_TASK, tiles_w - first)
+            if count < TILES_PER_TASK:          # a short last block: its unused tiles read zeros
+                v[:] = 0
+            m[:] = 0
+            _input_tiles(x_pad, n, 2 * tile_row, first, count, v, 0)
+            # M[e] = V[e] @ U[e]: 4 tiles x 4 channels at a time, vectorised over the contiguous o
+            for e in range(16):
+                for c in range(0, channels, 4):
+                    v00, v01, v02, v03 = v[e, 0, c], v[e, 0, c + 1], v[e, 0, c + 2], v[e, 0, c + 3]
+                    v10, v11, v12, v13 = v[e, 1, c], v[e, 1, c + 1], v[e, 1, c + 2], v[e, 1, c + 3]
+                    v20, v21, v22, v23 = v[e, 2, c], v[e, 2, c + 1], v[e, 2, c + 2], v[e, 2, c + 3]
+                    v30, v31, v32, v33 = v[e, 3, c], v[e, 3, c + 1], v[e, 3, c + 2], v[e, 3, c + 3]
+                    for o in range(out_channels):
+                        u0, u1, u2, u3 = u[e, c, o], u[e, c + 1, o], u[e, c + 2, o], u[e, c + 3, o]
+                        m[e, 0, o] += v00 * u0 + v01 * u1 + v02 * u2 + v03 * u3
+                        m[e, 1, o] += v10 * u0 + v11 * u1 + v12 * u2 + v13 * u3
+                        m[e, 2, o] += v20 * u0 + v21 * u1 + v22 * u2 + v23 * u3
+                        m[e, 3, o] += v30 * u0 + v31 * u1 + v32 * u2 + v33 * u3
+            oh = 2 * tile_row
+            for t in range(count):
+                ow = 2 * (first + t)
                 for o in range(out_channels):
-                    u0, u1, u2, u3 = u[e, c, o], u[e, c + 1, o], u[e, c + 2, o], u[e, c + 3, o]
-                    m[e, 0, o] += v00 * u0 + v01 * u1 + v02 * u2 + v03 * u3
-                    m[e, 1, o] += v10 * u0 + v11 * u1 + v12 * u2 + v13 * u3
-                    m[e, 2, o] += v20 * u0 + v21 * u1 + v22 * u2 + v23 * u3
-                    m[e, 3, o] += v30 * u0 + v31 * u1 + v32 * u2 + v33 * u3
-        oh = 2 * tile_row
-        for t in range(count):
-            ow = 2 * (first + t)
-            for o in range(out_channels):
-                # A^T M: rows 0+1+2 and 1-2-3 of the 4x4 M, then the same for the columns
-                p0 = m[0, t, o] + m[4, t, o] + m[8, t, o]
-                p1 = m[1, t, o] + m[5, t, o] + m[9, t, o]
-                p2 = m[2, t, o] + m[6, t, o] + m[10, t, o]
-                p3 = m[3, t, o] + m[7, t, o] + m[11, t, o]
-                s0 = m[4, t, o] - m[8, t, o] - m[12, t, o]
-                s1 = m[5, t, o] - m[9, t, o] - m[13, t, o]
-                s2 = m[6, t, o] - m[10, t, o] - m[14, t, o]
-                s3 = m[7, t, o] - m[11, t, o] - m[15, t, o]
-                y00 = bias[o] + (p0 + p1 + p2)
-                y01 = bias[o] + (p1 - p2 - p3)
-                y10 = bias[o] + (s0 + s1 + s2)
-                y11 = bias[o] + (s1 - s2 - s3)
-                if relu:
-                    y00, y01, y10, y11 = max(y00, 0), max(y01, 0), max(y10, 0), max(y11, 0)
-                y[n, oh, ow, o] = y00
-                if ow + 1 < out_w:
-                    y[n, oh, ow + 1, o] = y01
-                if oh + 1 < out_h:
-                    y[n, oh + 1, ow, o] = y10
+                    # A^T M: rows 0+1+2 and 1-2-3 of the 4x4 M, then the same for the columns
+                    p0 = m[0, t, o] + m[4, t, o] + m[8, t, o]
+                    p1 = m[1, t, o] + m[5, t, o] + m[9, t, o]
+                    p2 = m[2, t, o] + m[6, t, o] + m[10, t, o]
+                    p3 = m[3, t, o] + m[7, t, o] + m[11, t, o]
+                    s0 = m[4, t, o] - m[8, t, o] - m[12, t, o]
+                    s1 = m[5, t, o] - m[9, t, o] - m[13, t, o]
+                    s2 = m[6, t, o] - m[10, t, o] - m[14, t, o]
+                    s3 = m[7, t, o] - m[11, t, o] - m[15, t, o]
+                    y00 = bias[o] + (p0 + p1 + p2)
+                    y01 = bias[o] + (p1 - p2 - p3)
+                    y10 = bias[o] + (s0 + s1 + s2)
+                    y11 = bias[o] + (s1 - s2 - s3)
+                    if relu:
+                        y00, y01, y10, y11 = max(y00, 0), max(y01, 0), max(y10, 0), max(y11, 0)
+                    y[n, oh, ow, o] = y00
                     if ow + 1 < out_w:
-                        y[n, oh + 1, ow + 1, o] = y11
+                        y[n, oh, ow + 1, o] = y01
+                    if oh + 1 < out_h:
+                        y[n, oh + 1, ow, o] = y10
+                        if ow + 1 < out_w:
+                            y[n, oh + 1, ow + 1, o] = y11
 
 
 @_jit
