@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-import minitensor  # first, before NumPy (cv2 loads it): minitensor/cpu_threads.py sets what OpenBLAS reads then
+import minitensor  # first, before NumPy (cv2 loads it): minitensor/cpu_runtime.py sets what OpenBLAS reads then
 import cv2 as cv
 import numpy as np
 from minitensor import backend

@@ -27,7 +27,7 @@ import argparse
 import os
 import sys
 
-import minitensor  # before NumPy: minitensor/cpu_threads.py sets what OpenBLAS reads at load
+import minitensor  # before NumPy: minitensor/cpu_runtime.py sets what OpenBLAS reads at load
 import numpy as np
 from minitensor import backend, losses
 from minitensor.files import ModelFileError

@@ -49,6 +49,7 @@ class _Recorder:
         self.current = None                 # the row whose forward/backward is running now
         self.times = defaultdict(float)     # (row, phase) -> seconds in this step
         self.no_input_grad = set()          # rows whose backward returned None (skipped dL/dx)
+        self.algorithms = defaultdict(set)  # row -> the fast conv algorithms its kernel calls named
 
     def now(self):
         self.sync()
@@ -95,6 +96,8 @@ def _instrumented(model, recorder):
 
         def kernel_wrapper(name, function):
             def wrapper(*args, **kwargs):
+                if name.startswith("conv2d_"):
+                    recorder.algorithms[recorder.current].add(kwargs.get("algorithm", "direct"))
                 start = recorder.now()
                 try:
                     return function(*args, **kwargs)
@@ -122,6 +125,7 @@ def profile_train_step(model, x, y, sync, steps=3):
     per_step = []
     walls = []
     no_input_grad = set()
+    algorithms = defaultdict(set)
     for _ in range(steps):
         recorder = _Recorder(sync)
         with _instrumented(model, recorder) as (loss_row, optimizer_row):
@@ -130,6 +134,8 @@ def profile_train_step(model, x, y, sync, steps=3):
             walls.append(recorder.now() - start)
         per_step.append(recorder.times)
         no_input_grad |= recorder.no_input_grad
+        for row, names in recorder.algorithms.items():
+            algorithms[row] |= names
 
     def median(key):
         return statistics.median(times.get(key, 0.0) for times in per_step)
@@ -148,6 +154,7 @@ def profile_train_step(model, x, y, sync, steps=3):
             # backward = dW (one GEMM as large as the forward) + dX (another), unless dX was skipped
             "forward_gflop": flops / 1e9, "backward_gflop": (1 if layer.name in no_input_grad else 2) * flops / 1e9,
             "input_grad": layer.name not in no_input_grad,
+            "algorithm": ("+".join(sorted(algorithms[layer.name])) or "gemm") if flops else None,
         })
     for row_name, row_type in ((loss_row, "loss"), (optimizer_row, "optimizer")):
         forward, backward = median((row_name, "forward")), median((row_name, "backward"))
@@ -165,7 +172,27 @@ def profile_train_step(model, x, y, sync, steps=3):
     for r in rows:
         r["share"] = r["total_ms"] / total if total > 0 else 0.0
     rows.sort(key=lambda r: -r["total_ms"])
-    return {"steps": steps, "profiled_step_ms": 1e3 * statistics.median(walls), "rows_total_ms": total, "rows": rows}
+    return {"steps": steps, "profiled_step_ms": 1e3 * statistics.median(walls), "rows_total_ms": total, "rows": rows,
+            "gemm_peak_gflops": gemm_peak_gflops(x, sync)}
+
+
+def gemm_peak_gflops(like, sync, size=2048, repeats=3):
+    """The machine's float32 matrix-product speed, 2*size^3 flops at the best of ``repeats``:
+    the yardstick for the profile's "% peak" column (BLAS or cuBLAS on square matrices)."""
+    import minitensor
+
+    xp = minitensor.get_array_module(like)
+    a = xp.ones((size, size), dtype=xp.float32)
+    b = xp.ones((size, size), dtype=xp.float32)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 # ----- printing ------------------------------------------------------------------------------
@@ -174,16 +201,25 @@ def _gflops(gflop, ms):
     return f"{gflop / (ms / 1e3):7.1f}" if gflop > 0 and ms > 0 else "      -"
 
 
+def _peak_share(row, peak):
+    """The row's convolution flops per second as a share of the machine's GEMM peak (Winograd's
+    flops are counted as the direct convolution's, so a Winograd layer may pass 100%)."""
+    gflop, ms = row["forward_gflop"] + row["backward_gflop"], row["total_ms"]
+    return f"{100 * gflop / (ms / 1e3) / peak:.0f}%" if gflop > 0 and ms > 0 and peak else "-"
+
+
 def format_profile(profile, title="", top=None):
     """The profile as text: per-layer rows sorted by time, then totals per layer type."""
     rows = profile["rows"][:top] if top else profile["rows"]
     lines = []
     if title:
         lines.append(title)
+    peak = profile.get("gemm_peak_gflops")
     lines.append(f"median of {profile['steps']} profiled steps; profiled step {profile['profiled_step_ms']:.1f} ms "
-                 f"(sum of rows {profile['rows_total_ms']:.1f} ms)")
+                 f"(sum of rows {profile['rows_total_ms']:.1f} ms)"
+                 + (f"; this machine's float32 GEMM peak (2048^3): {peak:.0f} GFLOP/s" if peak else ""))
     header = (f"{'layer':<46}{'type':<13}{'output':<20}{'fwd ms':>9}{'bwd ms':>9}{'total ms':>10}{'share':>7}"
-              f"{'cum':>7}{'kernels ms':>11}{'fwd GF/s':>9}{'bwd GF/s':>9}")
+              f"{'cum':>7}{'kernels ms':>11}{'fwd GF/s':>9}{'bwd GF/s':>9}{'% peak':>7}  algorithm")
     lines += [header, "-" * len(header)]
     cumulative = 0.0
     for r in rows:
@@ -194,7 +230,8 @@ def format_profile(profile, title="", top=None):
             f"{r['name'][:45]:<46}{r['type']:<13}{shape:<20}{r['forward_ms']:9.2f}{r['backward_ms']:9.2f}"
             f"{r['total_ms']:10.2f}{100 * r['share']:6.1f}%{100 * cumulative:6.1f}%"
             f"{(f'{kernels:.2f}' if kernels else '-'):>11}"
-            f"{_gflops(r['forward_gflop'], r['forward_ms']):>9}{_gflops(r['backward_gflop'], r['backward_ms']):>9}")
+            f"{_gflops(r['forward_gflop'], r['forward_ms']):>9}{_gflops(r['backward_gflop'], r['backward_ms']):>9}"
+            f"{_peak_share(r, peak):>7}  {r.get('algorithm') or ''}".rstrip())
     if top and len(profile["rows"]) > top:
         lines.append(f"... {len(profile['rows']) - top} more rows (see --json)")
     lines.append("")

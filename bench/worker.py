@@ -100,9 +100,9 @@ def setup_minitensor(workload, args, x, y, info):
     elif args.tf32:
         info["notes"].append("--tf32 applies to the GPU only")
     if device == "cpu":
-        threads = ", ".join(f"{name}={entry['value']}{'' if entry['in_effect'] else ' (not in effect)'}"
-                            for name, entry in minitensor.cpu_threads.status().items())
-        info["notes"].append(f"conv algorithm {minitensor.kernels.get_conv_algorithm()}; {threads}")
+        settings = ", ".join(f"{name}={entry['value']}{'' if entry['in_effect'] else ' (not in effect)'}"
+                             for name, entry in minitensor.cpu_runtime.status().items())
+        info["notes"].append(f"conv algorithm {minitensor.kernels.get_conv_algorithm()}; {settings}")
     minitensor.set_seed(0)
     build = unet.small_unet if workload.model == "small_unet" else unet.unet
     model = build(input_shape=workload.input_shape, num_classes=workload.num_classes)
@@ -267,7 +267,7 @@ def run(args):
             print(f"[{args.engine}/{workload.name}] {message}", file=sys.stderr, flush=True)
 
     if args.engine == "minitensor":
-        import minitensor  # noqa: F401  before NumPy, as train.py does (minitensor/cpu_threads.py)
+        import minitensor  # noqa: F401  before NumPy, as train.py does (minitensor/cpu_runtime.py)
     x, y = make_batch(workload)
     try:
         engine = ENGINES[args.engine](workload, args, x, y, info)

@@ -4,7 +4,7 @@ NumPy on the CPU (hot kernels in numba), CuPy on the GPU; NHWC data and HWIO ker
 Keras. Read it bottom-up: backend.py -> kernels/ -> layers/, losses.py, optimizers.py ->
 model.py -> saving.py. ``python -m minitensor.gradcheck --all`` checks every backward pass numerically.
 """
-from . import cpu_threads  # noqa: F401  (first: it sets thread defaults that OpenBLAS reads when NumPy loads)
+from . import cpu_runtime  # noqa: F401  (first: it sets CPU defaults that OpenBLAS reads when NumPy loads)
 from . import backend, kernels, layers, losses, optimizers
 from .backend import get_array_module, is_gpu_available, to_device, to_numpy
 from .layers import (Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, MaxPooling2D, ReLU, Softmax,

@@ -257,18 +257,32 @@ def test_the_algorithm_switch(monkeypatch):
 
 
 def run_python(code, **environment):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "MINITENSOR_CPU_DEFAULTS")}
     env.update(environment)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return result.stdout.strip()
 
 
-def test_thread_defaults_apply_when_minitensor_comes_before_numpy():
-    code = "import minitensor, os; s = minitensor.cpu_threads.status(); print(os.environ['OPENBLAS_THREAD_TIMEOUT'], " \
+def test_cpu_defaults_apply_when_minitensor_comes_before_numpy():
+    code = "import minitensor, os; s = minitensor.cpu_runtime.status(); print(os.environ['OPENBLAS_THREAD_TIMEOUT'], " \
            "s['OPENBLAS_THREAD_TIMEOUT']['in_effect'], os.environ['OMP_WAIT_POLICY'])"
     assert run_python(code) == "4 True PASSIVE"
-    late = "import numpy, minitensor, os; s = minitensor.cpu_threads.status(); " \
+    late = "import numpy, minitensor, os; s = minitensor.cpu_runtime.status(); " \
            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), s['OPENBLAS_THREAD_TIMEOUT']['in_effect'])"
     assert run_python(late) == "None False"
     assert run_python(late, OPENBLAS_THREAD_TIMEOUT="8") == "8 True"      # the user's own setting wins
     assert run_python("import unet, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])") == "4"
+    off = "import minitensor, os; print(os.environ.get('OMP_WAIT_POLICY'), minitensor.cpu_runtime.KEEPS_FREED_MEMORY)"
+    assert run_python(off, MINITENSOR_CPU_DEFAULTS="0") == "None False"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_big_arrays_come_back_without_fresh_pages():
+    """With the allocator setting, a freed 64 MiB array's memory is reused: no new page faults."""
+    code = ("import minitensor, numpy as np, resource\n"
+            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "a = np.ones(1 << 24, np.float32); del a\n"
+            "before = faults(); b = np.ones(1 << 24, np.float32); print(faults() - before)")
+    kept, fresh = int(run_python(code)), int(run_python(code, MINITENSOR_CPU_DEFAULTS="0"))
+    assert kept <= 16 < fresh or kept * 10 < fresh, (kept, fresh)   # 4 KiB or 2 MiB pages, if fresh

@@ -31,15 +31,18 @@ must stay a run-time value: with a constant one LLVM unrolls the loop before vec
 then gives up on the aliasing of y and W (measured: scalar code, 13 GFLOP/s instead of 116).
 
 Performance contract (measured on a 2-core AMD EPYC with AVX-512, batch 16, float32, see
-docs/benchmarks.md): at 128x128 px with 32 -> 32 channels the forward runs at about 115 GFLOP/s,
-2x the im2col + GEMM path, which spends half its time in im2col; both cores work through
-``prange`` and BLAS stays idle, so the two thread pools never compete. It needs no memory beyond
-the padded copy of the input (scratch memory) and the output, against X_col's 9x. It wins where
-channels are few and pixels many; deep layers (128-1024 channels at 8-32 px) keep BLAS, which is
-faster there (``Conv2D`` picks, see ``conv2d.prefers_direct``). Float sums: each output element
-is added up in a fixed order, (i, j, c) with c four at a time, independent of the thread count;
-the kernel gradient's partial sums are split over a fixed number of row bands (``partial_bands``), so
-results repeat run to run, and differ from the GEMM path's only in the last bits (tested).
+docs/benchmarks.md): 100-170 GFLOP/s on the U-Nets' layers in isolation, about the speed of
+im2col + GEMM there, with no memory beyond the padded copy of the input (scratch memory) and
+the output, against X_col's 9x. Layers with exactly NARROW_CHANNELS = 32 output channels take
+a register-blocked variant (6 pixels x 32 channels of sums held in registers). Inside a whole
+training step it did not beat im2col + GEMM (docs/benchmarks.md, "Tried and not kept"), and
+Winograd (cpu_winograd.py) beat both on the layers where either could, so ``conv_algorithm
+("auto")`` never picks this kernel: it is there for ``conv_algorithm("direct")``, for kernels
+other than 3x3, and as the plainest fast twin to learn from. Float sums: each output element is
+added up in a fixed order, (i, j, c) with c four at a time, independent of the thread count;
+the kernel gradient's partial sums are split over a fixed number of row bands
+(``partial_bands``), so results repeat run to run, and differ from the GEMM path's only in the
+last bits (tested).
 """
 from __future__ import annotations
 

@@ -60,6 +60,14 @@ forward does its GEMM band by band into the output, and dW is the sum of the ban
 (the rows of X_col are independent, so only the order of dW's float sums changes). On the GPU it
 is built whole, in one launch, and multiplied with ``@``. tests/test_layers.py checks every path
 against central differences and TensorFlow.
+
+The same three products, faster on the CPU. im2col + GEMM is the path to read; on the CPU the
+wide, few-channel 3x3 layers (most of a U-Net's time) go instead to Winograd F(2x2, 3x3)
+(kernels/cpu_winograd.py: the same Z, dW and, through the flipped kernel, dx, with 2.25x fewer
+multiplications and no X_col), with bias and ReLU applied in the same pass. Which layer takes
+which is ``_fast_algorithm`` (``prefers_winograd``), switched with kernels.set_conv_algorithm
+('auto', 'winograd', 'direct', 'gemm') or MINITENSOR_CONV; tests/test_conv_algorithms.py
+checks every choice against this file's GEMM path, central differences and TensorFlow.
 """
 from __future__ import annotations
 
