@@ -286,3 +286,18 @@ def test_big_arrays_come_back_without_fresh_pages():
             "before = faults(); b = np.ones(1 << 24, np.float32); print(faults() - before)")
     kept, fresh = int(run_python(code)), int(run_python(code, MINITENSOR_CPU_DEFAULTS="0"))
     assert kept <= 16 < fresh or kept * 10 < fresh, (kept, fresh)   # 4 KiB or 2 MiB pages, if fresh
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_kernel_is_numpys_product(dtype):
+    rng = np.random.default_rng(4)
+    dy = rng.standard_normal((2, 5, 7, 3)).astype(dtype)
+    y = np.maximum(rng.standard_normal(dy.shape), 0).astype(dtype)
+    dy[0, 0, 0, :] = [np.nan, -1.0, np.inf]
+    y[0, 0, 0, :] = [0.0, 0.0, 1.0]                   # NaN * 0 stays NaN, -1 * 0 is -0.0, as in NumPy
+    ours, plain = kernels.relu_backward(dy, y), reference.relu_backward(dy, y)
+    assert ours.dtype == dtype
+    np.testing.assert_array_equal(ours, plain)
+    assert np.array_equal(np.signbit(ours), np.signbit(plain))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        kernels.relu_backward(dy, y[..., :2])

@@ -24,7 +24,7 @@ from minitensor.backend import get_array_module
 from minitensor.kernels import cpu, cpu_conv, cpu_winograd, gpu, reference
 
 __all__ = ["CONV_ALGORITHMS", "adam_update", "col2im", "conv2d_forward", "conv2d_kernel_grad", "conv_algorithm",
-           "get_conv_algorithm", "im2col", "set_conv_algorithm", "maxpool_backward", "maxpool_forward", "reference_kernels",
+           "get_conv_algorithm", "im2col", "set_conv_algorithm", "maxpool_backward", "maxpool_forward", "reference_kernels", "relu_backward",
            "upsample_backward", "upsample_forward", "use_reference", "using_reference"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -250,6 +250,19 @@ def upsample_backward(dy, sh, sw):
     if dy.shape[1] % sh or dy.shape[2] % sw:
         raise ValueError(f"dy of shape {tuple(dy.shape)} is not made of whole {sh}x{sw} blocks")
     return _implementation(dy).upsample_backward(dy, sh, sw)
+
+
+def relu_backward(dy, y):
+    """dx = dy * (y > 0), the ReLU's backward from its output y. See reference.relu_backward.
+
+    NumPy arrays take the numba kernel (one pass); CuPy arrays the reference, two elementwise
+    kernels, as before.
+    """
+    if dy.shape != y.shape or dy.dtype != y.dtype:
+        raise ValueError(f"dy and y must have one shape and dtype, got {dy.dtype} {tuple(dy.shape)} and "
+                         f"{y.dtype} {tuple(y.shape)}")
+    module = _implementation(dy, y)
+    return (cpu if module is cpu else reference).relu_backward(dy, y)
 
 
 def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):

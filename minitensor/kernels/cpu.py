@@ -173,6 +173,15 @@ def _upsample_backward_kernel(dy, dx, sh, sw):
                         dx[n, h, w, c] += dy[n, h * sh + i, w * sw + j, c]
 
 
+@_jit
+def _relu_backward_kernel(dy, y, dx):
+    """dx = dy * (y > 0) over the flat arrays, parallel: one pass where NumPy makes two (the
+    mask, then the product) and a temporary. The same product, so NaN and -0.0 come out as
+    NumPy's do."""
+    for i in prange(dx.size):
+        dx[i] = dy[i] * (y[i] > 0)
+
+
 def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C), written into ``out`` if given."""
     x = np.ascontiguousarray(x)
@@ -226,4 +235,13 @@ def upsample_backward(dy, sh, sw):
     n_batch, out_h, out_w, channels = dy.shape
     dx = np.zeros((n_batch, out_h // sh, out_w // sw, channels), dtype=dy.dtype)
     _upsample_backward_kernel(dy, dx, sh, sw)
+    return dx
+
+
+def relu_backward(dy, y):
+    """Numba twin of ``reference.relu_backward``: dx = dy * (y > 0)."""
+    dy = np.ascontiguousarray(dy)
+    y = np.ascontiguousarray(y)
+    dx = np.empty_like(dy)
+    _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx

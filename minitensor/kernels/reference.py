@@ -233,6 +233,12 @@ def upsample_backward(dy, sh, sw):
     return dx
 
 
+def relu_backward(dy, y):
+    """dx = dy where the ReLU's output y was positive, else 0: ``dy * (y > 0)`` (activations.py
+    derives it). dy and y share shape, dtype and device."""
+    return dy * (y > 0)
+
+
 def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
     """One Adam step of one parameter, in place, in Keras's rounding order (see optimizers.Adam)::
 
