@@ -83,7 +83,7 @@ def untransform_kernel_grad(grad_u, in_channels):
     return np.ascontiguousarray(grad[:, :, :in_channels])
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, inline="always")
 def _input_tiles(x_pad, n, row, first, count, v, offset):
     """v[e, offset + t, c] = (B^T d B)[e] for the 4x4 input tiles d at rows row..row+3, columns
     2*(first + t)..+3 of image n, t < count. Vectorised over the contiguous channels c."""
@@ -133,8 +133,8 @@ def _forward_kernel(x_pad, u, bias, y, relu):
     """y = relu?(bias + 3x3 stride-1 convolution), one row of output tiles per task.
 
     x_pad (N, 2*tiles_h + 2, 2*tiles_w + 2, C4), C4 % 4 == 0; u (16, C4, OC) the transformed
-    kernel; bias (OC,); y (N, OH, OW, OC), every element written once (rows and columns past an
-    odd OH or OW are computed and dropped)."""
+    kernel; bias (OC,); y (N, 2*tiles_h, 2*tiles_w, OC), whole tiles: every element written once
+    (conv2d_forward crops the extra row or column of an odd OH or OW)."""
     n_batch, _, _, channels = x_pad.shape
     out_channels = u.shape[2]
     _, out_h, out_w, _ = y.shape
@@ -183,12 +183,9 @@ def _forward_kernel(x_pad, u, bias, y, relu):
                     if relu:
                         y00, y01, y10, y11 = max(y00, 0), max(y01, 0), max(y10, 0), max(y11, 0)
                     y[n, oh, ow, o] = y00
-                    if ow + 1 < out_w:
-                        y[n, oh, ow + 1, o] = y01
-                    if oh + 1 < out_h:
-                        y[n, oh + 1, ow, o] = y10
-                        if ow + 1 < out_w:
-                            y[n, oh + 1, ow + 1, o] = y11
+                    y[n, oh, ow + 1, o] = y01
+                    y[n, oh + 1, ow, o] = y10
+                    y[n, oh + 1, ow + 1, o] = y11
 
 
 @_jit
@@ -269,8 +266,13 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False)
     u = transform_kernel(kernel, x_pad.shape[3])
     if bias is None:
         bias = np.zeros(out_channels, dtype=x.dtype)
-    y = np.empty((x.shape[0], out_h, out_w, out_channels), dtype=x.dtype)
+    # Whole tiles, so the kernel's stores need no bounds tests (which would stop LLVM from
+    # vectorising them); an odd OH or OW is cropped afterwards (never in the U-Nets).
+    tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+    y = np.empty((x.shape[0], 2 * tiles_h, 2 * tiles_w, out_channels), dtype=x.dtype)
     _forward_kernel(x_pad, u, np.ascontiguousarray(bias), y, bool(relu))
+    if (2 * tiles_h, 2 * tiles_w) != (out_h, out_w):
+        y = np.ascontiguousarray(y[:, :out_h, :out_w])
     return y
 
 
