@@ -98,6 +98,8 @@ def _instrumented(model, recorder):
             def wrapper(*args, **kwargs):
                 if name.startswith("conv2d_"):
                     recorder.algorithms[recorder.current].add(kwargs.get("algorithm", "direct"))
+                elif name in ("im2col", "col2im"):
+                    recorder.algorithms[recorder.current].add("gemm")
                 start = recorder.now()
                 try:
                     return function(*args, **kwargs)

@@ -183,22 +183,24 @@ def test_conv2d_matches_tensorflow_under_every_algorithm(tf, keras, case, dtype,
 
 
 def test_each_layer_takes_the_algorithm_it_should():
-    def chosen(choice, kernel=3, stride=1, images=1, size=128, channels=32, filters=32):
+    def chosen(choice, kernel=3, stride=1, images=1, size=128, channels=32, filters=32, product="forward"):
         layer = layers.Conv2D(filters, kernel, stride, "same", seed=0)
         layer.build((size, size, channels))
         with kernels.conv_algorithm(choice):
-            return layer._fast_algorithm(np.zeros((images, size, size, channels), np.float32), size, size)
+            return layer._fast_algorithm(np.zeros((images, size, size, channels), np.float32), size, size, product)
 
-    assert chosen("auto") == "winograd"                       # 128x128 output pixels, 32 channels
+    assert chosen("auto") == "winograd" and chosen("auto", product="kernel_grad") == "winograd"
     assert chosen("auto", size=64) is None                    # too few pixels to repay the transforms
-    assert chosen("auto", size=64, images=4) == "winograd"    # ... unless the batch makes them up
-    assert chosen("auto", channels=3) is None                 # the first layer
-    assert chosen("auto", channels=512, filters=512) is None  # transformed kernel too large
+    assert chosen("auto", size=64, images=2) == "winograd"    # ... unless the batch makes them up
+    assert chosen("auto", channels=3) == "winograd"           # the first layer too
+    assert chosen("auto", channels=512, filters=512) == "winograd"                 # the forward holds U only
+    assert chosen("auto", channels=512, filters=512, product="kernel_grad") is None  # dW's partial sums
+    assert chosen("auto", channels=1024, filters=512) is None
     assert chosen("auto", kernel=1) is None and chosen("auto", stride=2) is None and chosen("auto", kernel=5) is None
     assert chosen("winograd", size=8) == "winograd" and chosen("winograd", kernel=5) is None
     assert chosen("direct", kernel=5, size=8) == "direct" and chosen("direct", kernel=1) is None
     assert chosen("gemm") is None
-    assert prefers_winograd(128 * 128, 8, 32) and not prefers_winograd(128 * 128 - 1, 8, 32)
+    assert prefers_winograd(8192, 8, 32) and not prefers_winograd(8191, 8, 32)
 
 
 def test_a_unet_step_is_the_same_under_every_algorithm():

@@ -140,24 +140,23 @@ def convolve_as_gemm(x, kernel_size, strides, pad_top, pad_left, out_h, out_w, m
 
 
 #: Where ``conv_algorithm("auto")`` uses Winograd (see prefers_winograd).
-WINOGRAD_MIN_PIXELS = 128 * 128
-WINOGRAD_MIN_CHANNELS = 8
-WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
+WINOGRAD_MIN_PIXELS = 8192
+WINOGRAD_MAX_CHANNEL_PRODUCT = {"forward": 512 * 512, "kernel_grad": 512 * 256}
 
 
-def prefers_winograd(pixels, in_channels, out_channels):
-    """Whether 'auto' gives a 3x3 stride-1 layer Winograd F(2x2, 3x3) instead of im2col + GEMM.
+def prefers_winograd(pixels, in_channels, out_channels, product="forward"):
+    """Whether 'auto' gives one product of a 3x3 stride-1 layer to Winograd F(2x2, 3x3).
 
-    ``pixels`` is N*OH*OW, the output pixels of the whole batch. Measured per layer shape on the
-    2-core EPYC (docs/benchmarks.md, "Choosing the algorithm"): Winograd's 2.25x fewer
-    multiplications win on the wide images with few channels, where BLAS is slowest (about
-    1.4-1.8x at 128 px and 32-64 channels, small_unet b16, and at 138-570 px, unet b1). It loses
-    where its fixed costs are not repaid (fewer than 128x128 output pixels in the batch), on
-    the first layer (3 channels, padded to 4, where the transforms outweigh the products) and
-    where the transformed kernel (16 x C x OC) is too large to stay in the cache.
+    ``pixels`` is N*OH*OW, the output pixels of the whole batch; ``product`` is "forward" (also
+    used for dx, the same convolution with the channels swapped) or "kernel_grad" (dW).
+    Measured per layer shape on the 2-core EPYC (docs/benchmarks.md, "Choosing the algorithm"):
+    Winograd's 2.25x fewer multiplications win wherever the batch has at least 8192 output
+    pixels, by 1.1-1.9x at 128 px with 32-64 channels (small_unet b16) and at 100-570 px (unet
+    b1); below that its transforms and fixed costs are not repaid. dW sweeps a 16 x C x OC
+    partial sum every 4 tiles, which stops paying once that no longer fits the cache (above
+    512 x 256 channels); the forward holds only the transformed kernel, up to 512 x 512.
     """
-    return (pixels >= WINOGRAD_MIN_PIXELS and in_channels >= WINOGRAD_MIN_CHANNELS
-            and in_channels * out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT)
+    return pixels >= WINOGRAD_MIN_PIXELS and in_channels * out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT[product]
 
 
 class Conv2D(Layer):
@@ -225,14 +224,15 @@ class Conv2D(Layer):
         """A 1x1 conv with stride 1 is already a matrix product: each pixel is its own patch."""
         return self.kernel_size == (1, 1) and self.strides == (1, 1)
 
-    def _fast_algorithm(self, x, out_h, out_w):
-        """The CPU kernel this call runs instead of im2col + GEMM: 'winograd', 'direct' or None.
+    def _fast_algorithm(self, x, out_h, out_w, product="forward"):
+        """The CPU kernel this product runs instead of im2col + GEMM: 'winograd', 'direct' or None.
 
-        Set by kernels.set_conv_algorithm: 'auto' (the default) gives Winograd to the 3x3
-        stride-1 layers where it measured faster (``prefers_winograd``) and im2col + GEMM to the
-        rest; 'winograd' gives it to every 3x3 stride-1 layer; 'direct' sends every stride-1
-        layer to the direct kernel; 'gemm' keeps im2col + GEMM everywhere. Pointwise (1x1)
-        layers, strided ones and the GPU always keep the matrix product."""
+        ``product`` is "forward" (also for dx) or "kernel_grad". Set by kernels.set_conv_algorithm:
+        'auto' (the default) gives Winograd to the 3x3 stride-1 products where it measured faster
+        (``prefers_winograd``) and im2col + GEMM to the rest; 'winograd' gives it to every 3x3
+        stride-1 layer; 'direct' sends every stride-1 layer to the direct kernel; 'gemm' keeps
+        im2col + GEMM everywhere. Pointwise (1x1) layers, strided ones and the GPU always keep
+        the matrix product."""
         choice = kernels.get_conv_algorithm()
         if choice == "gemm" or self.strides != (1, 1) or self._is_pointwise():
             return None
@@ -242,7 +242,8 @@ class Conv2D(Layer):
             return "direct"
         if self.kernel_size != (3, 3):
             return None
-        if choice == "winograd" or prefers_winograd(x.shape[0] * out_h * out_w, x.shape[-1], self.filters):
+        pixels = x.shape[0] * out_h * out_w
+        if choice == "winograd" or prefers_winograd(pixels, x.shape[-1], self.filters, product):
             return "winograd"
         return None
 
@@ -293,8 +294,8 @@ class Conv2D(Layer):
         dz = xp.ascontiguousarray(dz)                                  # (N, OH, OW, OC)
         dz_matrix = dz.reshape(-1, self.filters)                      # dZ, one row per output pixel
         kernel_matrix = self.params[0].reshape(-1, self.filters)
-        algorithm = self._fast_algorithm(x, geometry[0], geometry[1])
-        self.grads[0] = self._kernel_gradient(x, dz, geometry, algorithm).reshape(self.params[0].shape)
+        kernel_grad_algorithm = self._fast_algorithm(x, geometry[0], geometry[1], "kernel_grad")
+        self.grads[0] = self._kernel_gradient(x, dz, geometry, kernel_grad_algorithm).reshape(self.params[0].shape)
         if self.use_bias:
             # A GEMV with a ones vector: much faster than dz.sum(axis=0) on a tall matrix (CuPy).
             self.grads[1] = xp.ones(dz_matrix.shape[0], dtype=dz.dtype) @ dz_matrix
@@ -303,6 +304,7 @@ class Conv2D(Layer):
         if self._is_pointwise():
             return (dz_matrix @ kernel_matrix.T).reshape(x.shape)
         if self.strides == (1, 1):
+            algorithm = self._fast_algorithm(x, geometry[0], geometry[1], "forward")
             return self._input_gradient_by_flipped_kernel(dz, x.shape, geometry, algorithm)
         dcols = dz_matrix @ kernel_matrix.T                               # dX_col = dZ @ W_col^T
         out_h, out_w, pad_top, pad_left = geometry
