@@ -25,7 +25,8 @@ def format_markdown(report, title=None):
     lines = [f"### {title or (m['cpu_model'] if device == 'cpu' else gpu)} ({device})", ""]
     lines.append(f"- date: {report['date']}; git: {report.get('git') or '-'}")
     lines.append(f"- command: `{report['command']}`")
-    lines.append(f"- machine: {m['cpu_model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
+    lines.append(f"- machine: {m['cpu_model']} ({m.get('vector_isa', 'vector ISA not recorded')}, family/model "
+                 f"{m.get('cpu_family_model') or '?'}), {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
                  f"{m['memory_gib']} GiB RAM; GPU: {gpu}")
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     if report.get("environment"):

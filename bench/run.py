@@ -54,6 +54,16 @@ def _read(path):
         return ""
 
 
+def vector_isa(flags, machine):
+    """The widest x86 vector extension the CPU reports (the ratio to TF and PyTorch depends on it)."""
+    if "avx512f" in flags:
+        return "AVX-512" + (" (with BF16)" if "avx512_bf16" in flags else "")
+    for name, label in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if name in flags:
+            return label
+    return machine or "unknown"
+
+
 def machine_info():
     cpuinfo = _read("/proc/cpuinfo")
     models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.M)
@@ -62,8 +72,11 @@ def machine_info():
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    flags = set((re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, flags=re.M) or [""])[0].split())
     info = {
         "cpu_model": models[0].strip() if models else (platform.processor() or platform.machine()),
+        "cpu_family_model": "/".join(re.findall(r"^(?:cpu family|model)\s*:\s*(\d+)$", cpuinfo, flags=re.M)[:2]),
+        "vector_isa": vector_isa(flags, platform.machine()),
         "logical_cores": os.cpu_count(), "usable_cores": usable,
         "memory_gib": round(int(meminfo.group(1)) / 2**20, 1) if meminfo else None,
         "os": platform.platform(), "python": platform.python_version(),
@@ -166,7 +179,8 @@ def format_results(report):
     device = report["device"]
     lines = []
     m = report["machine"]
-    lines.append(f"machine:  {m['cpu_model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
+    lines.append(f"machine:  {m['cpu_model']} ({m.get('vector_isa', '?')}, family/model {m.get('cpu_family_model') or '?'}), "
+                 f"{m['usable_cores']} usable of {m['logical_cores']} logical cores, "
                  f"{m['memory_gib']} GiB RAM" + (f"; GPU: {'; '.join(m['gpus'])}" if m["gpus"] else ""))
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     lines.append(f"command:  {report['command']}")
