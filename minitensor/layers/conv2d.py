@@ -149,12 +149,14 @@ def prefers_winograd(pixels, in_channels, out_channels, product="forward"):
 
     ``pixels`` is N*OH*OW, the output pixels of the whole batch; ``product`` is "forward" (also
     used for dx, the same convolution with the channels swapped) or "kernel_grad" (dW).
-    Measured per layer shape on the 2-core EPYC (docs/benchmarks.md, "Choosing the algorithm"):
-    Winograd's 2.25x fewer multiplications win wherever the batch has at least 8192 output
-    pixels, by 1.1-1.9x at 128 px with 32-64 channels (small_unet b16) and at 100-570 px (unet
-    b1); below that its transforms and fixed costs are not repaid. dW sweeps a 16 x C x OC
-    partial sum every 4 tiles, which stops paying once that no longer fits the cache (above
-    512 x 256 channels); the forward holds only the transformed kernel, up to 512 x 512.
+    Measured per layer shape on the 2-core EPYC with ``python -m bench.conv_shapes``
+    (docs/benchmarks.md, "Choosing the algorithm"): Winograd's 2.25x fewer multiplications win by
+    1.4-2x on the wide layers (32-128 px at batch 16 in small_unet, 100-140 px at batch 1 in unet).
+    Below 8192 output pixels in the batch its transforms and fixed costs are barely repaid (the
+    forward still wins on some 16 px layers in isolation, but whole steps were no faster), and
+    dW sweeps a 16 x C x OC partial sum every 4 tiles, which stops paying once that no longer
+    fits the cache (above 512 x 256 channels); the forward holds only the transformed kernel,
+    up to 512 x 512.
     """
     return pixels >= WINOGRAD_MIN_PIXELS and in_channels * out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT[product]
 
