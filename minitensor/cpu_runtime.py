@@ -67,12 +67,26 @@ else:
     KEEPS_FREED_MEMORY = False
 
 
+def _numba_uses_openmp():
+    """True or False once numba has started its threads (its first parallel kernel), else None."""
+    try:
+        import numba
+        return numba.threading_layer() == "omp"
+    except (ImportError, ValueError):          # ValueError: no parallel kernel has run yet
+        return None
+
+
 def status() -> dict:
-    """This process's settings: each variable's value and whether it took effect, and the allocator's."""
+    """This process's settings: each variable's value and whether it took effect, and the allocator's.
+
+    OMP_WAIT_POLICY counts only where numba's threads are OpenMP's (libgomp); before the first
+    parallel kernel that is not known yet, and it is reported as in effect if set."""
     report = {}
     for name in THREAD_DEFAULTS:
         value = os.environ.get(name)
         late = name == "OPENBLAS_THREAD_TIMEOUT" and NUMPY_WAS_LOADED_FIRST and name not in _SET_BY_USER
+        if name == "OMP_WAIT_POLICY" and _numba_uses_openmp() is False:
+            late = True                        # numba runs on TBB or its workqueue: nobody reads it
         report[name] = {"value": value, "in_effect": value is not None and not late}
     report["keep freed memory (mallopt)"] = {"value": "on" if KEEPS_FREED_MEMORY else "off",
                                             "in_effect": KEEPS_FREED_MEMORY}

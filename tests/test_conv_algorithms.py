@@ -22,6 +22,17 @@ from minitensor.kernels import cpu_conv, cpu_winograd, naive, reference
 from minitensor.layers.conv2d import prefers_winograd
 
 ALGORITHMS = ["gemm", "winograd", "direct"]
+
+
+@pytest.fixture(autouse=True)
+def fast_kernels():
+    """The numba kernels, not the reference, and 'auto', whatever MINITENSOR_KERNELS / _CONV say."""
+    previous = kernels.using_reference()
+    kernels.use_reference(False)
+    with kernels.conv_algorithm("auto"):
+        yield
+    kernels.use_reference(previous)
+
 FAST = ["winograd", "direct"]
 #: Largest |fast - reference| / max|reference| allowed (Winograd's transforms add a few roundings).
 RELATIVE = {np.float32: 2e-6, np.float64: 1e-13}
@@ -39,6 +50,7 @@ SHAPES = [
     (1, 6, 10, 12, 33, 3, "same"),
     (2, 4, 4, 16, 64, 3, "same"),
     (1, 6, 7, 3, 4, 2, "valid"),
+    (1, 6, 7, 3, 4, 2, "same"),         # even kernel: no padding on top, one row below
     (1, 8, 8, 4, 6, 5, "same"),
 ]
 
@@ -107,9 +119,11 @@ def test_fast_kernels_repeat_bit_for_bit_whatever_the_thread_count(algorithm):
     """Sums are split by the shape (tiles, pixel blocks, row bands), never by the threads."""
     import numba
 
+    previous = numba.get_num_threads()
+    if previous == 1:
+        pytest.skip("numba has one thread here: nothing to compare")
     x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w) = operands((3, 20, 18, 8, 32, 3, "same"), np.float32)
     runs = []
-    previous = numba.get_num_threads()
     try:
         for threads in sorted({1, previous}):
             numba.set_num_threads(threads)
@@ -122,6 +136,35 @@ def test_fast_kernels_repeat_bit_for_bit_whatever_the_thread_count(algorithm):
     for y, grad in runs[1:]:
         np.testing.assert_array_equal(y, runs[0][0])
         np.testing.assert_array_equal(grad, runs[0][1])
+
+
+@pytest.mark.parametrize("algorithm", FAST)
+def test_fast_kernels_take_non_contiguous_input(algorithm):
+    x, kernel, bias, dz, (pad_top, pad_left, out_h, out_w) = operands((2, 8, 12, 4, 8, 3, "same"), np.float64)
+    cropped = np.concatenate([x, x], axis=2)[:, :, 6:18]       # a strided view, as Cropping2D hands on
+    assert not cropped.flags.c_contiguous
+    ours = kernels.conv2d_forward(cropped, kernel, bias, pad_top, pad_left, out_h, out_w, algorithm=algorithm)
+    plain = reference.conv2d_forward(np.ascontiguousarray(cropped), kernel, bias, pad_top, pad_left, out_h, out_w)
+    assert_close(ours, plain, np.float64)
+    ours = kernels.conv2d_kernel_grad(cropped, dz, 3, 3, pad_top, pad_left, algorithm=algorithm)
+    assert_close(ours, reference.conv2d_kernel_grad(np.ascontiguousarray(cropped), dz, 3, 3, pad_top, pad_left),
+                 np.float64)
+
+
+@pytest.mark.gpu
+def test_the_gpu_keeps_im2col_and_gemm_under_every_algorithm(gpu_backend):
+    from minitensor import backend
+
+    x = np.random.default_rng(5).standard_normal((1, 128, 128, 8)).astype(np.float32)
+    for algorithm in ALGORITHMS:
+        with kernels.conv_algorithm(algorithm):
+            layer = layers.Conv2D(8, 3, 1, "same", activation="relu", seed=0)
+            layer.build((128, 128, 8))
+            layer.to("gpu")
+            x_gpu = backend.to_device(x, "gpu")
+            assert layer._fast_algorithm(x_gpu, 128, 128) is None
+            assert layer._fast_algorithm(x, 128, 128) == (None if algorithm == "gemm" else algorithm)
+            assert backend.get_array_module(layer.forward(x_gpu)) is not np
 
 
 def test_kernel_gradient_bands_split_the_sum_without_changing_it(monkeypatch):
@@ -231,6 +274,7 @@ def test_a_unet_step_is_the_same_under_every_algorithm():
     (lambda x, k: kernels.conv2d_forward(x, k, None, 1, 1, 6, 6, algorithm="fft"), ValueError, "algorithm must be"),
     (lambda x, k: kernels.conv2d_forward(x, k.astype(np.float64), None, 1, 1, 6, 6), TypeError, "use one dtype"),
     (lambda x, k: kernels.conv2d_forward(x, k, np.zeros(3, np.float32), 1, 1, 6, 6), ValueError, "bias must have"),
+    (lambda x, k: kernels.conv2d_forward(x, k, np.zeros(4), 1, 1, 6, 6), TypeError, "bias is float64"),
     (lambda x, k: kernels.conv2d_forward(x[..., :1], k, None, 1, 1, 6, 6), ValueError, "input channels"),
     (lambda x, k: kernels.conv2d_kernel_grad(x, x[:1], 3, 3, 1, 1), ValueError, "images"),
 ])
@@ -241,7 +285,7 @@ def test_bad_arguments_are_clear_errors(call, error, message):
         call(x, kernel)
 
 
-def test_the_algorithm_switch(monkeypatch):
+def test_the_algorithm_switch():
     assert kernels.get_conv_algorithm() == "auto"
     with kernels.conv_algorithm("gemm"):
         assert kernels.get_conv_algorithm() == "gemm"
@@ -301,5 +345,7 @@ def test_relu_backward_kernel_is_numpys_product(dtype):
     assert ours.dtype == dtype
     np.testing.assert_array_equal(ours, plain)
     assert np.array_equal(np.signbit(ours), np.signbit(plain))
-    with pytest.raises(ValueError, match="one shape and dtype"):
+    with pytest.raises(ValueError, match="one shape"):
         kernels.relu_backward(dy, y[..., :2])
+    with pytest.raises(TypeError, match="use one dtype"):
+        kernels.relu_backward(dy, y.astype(np.float16))

@@ -1,10 +1,11 @@
-"""The hot kernels of minitensor: convolution (im2col/col2im, direct), max pooling, upsampling, Adam's step.
+"""The hot kernels of minitensor: convolution (im2col/col2im, Winograd, direct), max pooling, upsampling,
+ReLU's backward, Adam's step.
 
 Each kernel exists three times with one signature (docs/CONTRACTS.md):
 
 - ``reference.py``: plain array code, the one to read first, and the truth the others are tested against;
-- ``cpu.py``: numba, parallel over output rows, for NumPy arrays (``cpu_conv.py``: the direct
-  convolution, numba too);
+- ``cpu.py``: numba, parallel over output rows, for NumPy arrays (``cpu_winograd.py`` and
+  ``cpu_conv.py``: the Winograd and direct convolutions, numba too);
 - ``gpu.py``: CUDA C compiled by CuPy, for CuPy arrays.
 
 The functions here check their arguments and pick the implementation from the arrays'
@@ -56,7 +57,8 @@ _conv_algorithm = _check_conv_algorithm(os.environ.get("MINITENSOR_CONV", "auto"
 
 
 def set_conv_algorithm(name: str) -> None:
-    """How Conv2D runs stride-1 convolutions on the CPU: 'auto', 'direct' or 'gemm' (see above)."""
+    """How Conv2D runs stride-1 convolutions on the CPU: 'auto', 'winograd', 'direct' or 'gemm'
+    (this module's docstring says what each does)."""
     global _conv_algorithm
     _conv_algorithm = _check_conv_algorithm(name, "conv algorithm")
 
@@ -194,8 +196,12 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False,
     _check_conv_operands(x, "kernel", kernel, kernel.shape[0], kernel.shape[1], pad_top, pad_left, out_h, out_w)
     if kernel.shape[2] != x.shape[3]:
         raise ValueError(f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]} input channels, x has {x.shape[3]}")
-    if bias is not None and tuple(bias.shape) != (kernel.shape[3],):
-        raise ValueError(f"bias must have shape ({kernel.shape[3]},), got {tuple(bias.shape)}")
+    if bias is not None:
+        if tuple(getattr(bias, "shape", ())) != (kernel.shape[3],):
+            raise ValueError(f"bias must have shape ({kernel.shape[3]},), got {tuple(getattr(bias, 'shape', ()))}")
+        get_array_module(x, bias)   # same device, or a clear error
+        if bias.dtype != x.dtype:
+            raise TypeError(f"x is {x.dtype} but bias is {bias.dtype}: use one dtype")
     module = _conv_module(x, kernel, algorithm, kernel.shape[0], kernel.shape[1])
     return module.conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=bool(relu))
 
@@ -258,9 +264,10 @@ def relu_backward(dy, y):
     NumPy arrays take the numba kernel (one pass); CuPy arrays the reference, two elementwise
     kernels, as before.
     """
-    if dy.shape != y.shape or dy.dtype != y.dtype:
-        raise ValueError(f"dy and y must have one shape and dtype, got {dy.dtype} {tuple(dy.shape)} and "
-                         f"{y.dtype} {tuple(y.shape)}")
+    if dy.shape != y.shape:
+        raise ValueError(f"dy and y must have one shape, got {tuple(dy.shape)} and {tuple(y.shape)}")
+    if dy.dtype != y.dtype:
+        raise TypeError(f"dy is {dy.dtype} but y is {y.dtype}: use one dtype")
     module = _implementation(dy, y)
     return (cpu if module is cpu else reference).relu_backward(dy, y)
 

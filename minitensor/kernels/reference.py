@@ -130,7 +130,8 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False)
     x (N, H, W, C); kernel (KH, KW, C, OC) "HWIO"; bias (OC,) or None. Returns y
     (N, out_h, out_w, OC) with y[n, oh, ow, o] = b[o] + sum_{i,j,c} x[n, oh+i-pad_top, ow+j-pad_left, c]
     * kernel[i, j, c, o] (x = 0 outside the image), then max(., 0) if ``relu``. This is the
-    twin that ``cpu_conv.conv2d_forward`` (direct convolution, no im2col) is tested against.
+    twin that ``cpu_winograd.conv2d_forward`` (Winograd) and ``cpu_conv.conv2d_forward`` (direct
+    convolution), neither of which builds im2col, are tested against.
     """
     kernel_h, kernel_w, _, out_channels = kernel.shape
     cols = im2col(x, kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)

@@ -306,7 +306,8 @@ class Conv2D(Layer):
         if self._is_pointwise():
             return (dz_matrix @ kernel_matrix.T).reshape(x.shape)
         if self.strides == (1, 1):
-            algorithm = self._fast_algorithm(x, geometry[0], geometry[1], "forward")
+            # dx is a convolution whose output is x's own N x H x W pixels
+            algorithm = self._fast_algorithm(x, x.shape[1], x.shape[2], "forward")
             return self._input_gradient_by_flipped_kernel(dz, x.shape, geometry, algorithm)
         dcols = dz_matrix @ kernel_matrix.T                               # dX_col = dZ @ W_col^T
         out_h, out_w, pad_top, pad_left = geometry
