@@ -349,3 +349,18 @@ def test_relu_backward_kernel_is_numpys_product(dtype):
         kernels.relu_backward(dy, y[..., :2])
     with pytest.raises(TypeError, match="use one dtype"):
         kernels.relu_backward(dy, y.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_kernel_matches_reference(dtype):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 6, 5, 7)) * 10).astype(dtype)
+    x[0, 0, 0] = [1000, 0, -1000, 3, 3, 3, 3]             # no overflow: the max is subtracted first
+    x[0, 0, 1, 2] = np.nan                                  # a NaN spoils its own pixel only
+    ours, plain = kernels.softmax_forward(x), reference.softmax_forward(x)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(ours, plain, rtol=4 * np.finfo(dtype).eps, atol=0)
+    assert np.isnan(ours[0, 0, 1]).all() and np.isfinite(np.delete(ours.reshape(-1, 7), 1, axis=0)).all()
+    np.testing.assert_allclose(ours.sum(axis=-1)[np.isfinite(ours.sum(axis=-1))], 1, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-empty last axis"):
+        kernels.softmax_forward(np.zeros((2, 0)))

@@ -25,7 +25,7 @@ from minitensor.backend import get_array_module
 from minitensor.kernels import cpu, cpu_conv, cpu_winograd, gpu, reference
 
 __all__ = ["CONV_ALGORITHMS", "adam_update", "col2im", "conv2d_forward", "conv2d_kernel_grad", "conv_algorithm",
-           "get_conv_algorithm", "im2col", "set_conv_algorithm", "maxpool_backward", "maxpool_forward", "reference_kernels", "relu_backward",
+           "get_conv_algorithm", "im2col", "set_conv_algorithm", "maxpool_backward", "maxpool_forward", "reference_kernels", "relu_backward", "softmax_forward",
            "upsample_backward", "upsample_forward", "use_reference", "using_reference"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -256,6 +256,18 @@ def upsample_backward(dy, sh, sw):
     if dy.shape[1] % sh or dy.shape[2] % sw:
         raise ValueError(f"dy of shape {tuple(dy.shape)} is not made of whole {sh}x{sw} blocks")
     return _implementation(dy).upsample_backward(dy, sh, sw)
+
+
+def softmax_forward(x):
+    """Softmax over the last axis (the channels). See reference.softmax_forward.
+
+    NumPy arrays take the numba kernel (one pass per pixel); CuPy arrays the reference.
+    """
+    if getattr(x, "dtype", None) not in _FLOAT_DTYPES or x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be a float32 or float64 array with a non-empty last axis, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    module = _implementation(x)
+    return (cpu if module is cpu else reference).softmax_forward(x)
 
 
 def relu_backward(dy, y):

@@ -174,6 +174,27 @@ def _upsample_backward_kernel(dy, dx, sh, sw):
 
 
 @_jit
+def _softmax_kernel(x, y):
+    """y[r] = softmax(x[r]) for every row r of the (rows, channels) arrays, parallel over rows.
+
+    One pass per row over its few channels, where NumPy makes five passes over the whole array
+    (max, subtract, exp, sum, divide) and reduces along a short last axis, its slow case (20 ms
+    for small_unet's 16x128x128x4 output against 2 ms here). The same operations in the same
+    order; exp is LLVM's, which may differ from NumPy's in the last bit."""
+    rows, channels = x.shape
+    for r in prange(rows):
+        largest = x[r, 0]
+        for c in range(1, channels):
+            largest = max(largest, x[r, c])
+        total = x.dtype.type(0)
+        for c in range(channels):
+            y[r, c] = np.exp(x[r, c] - largest)
+            total += y[r, c]
+        for c in range(channels):
+            y[r, c] /= total
+
+
+@_jit
 def _relu_backward_kernel(dy, y, dx):
     """dx = dy * (y > 0) over the flat arrays, parallel: one pass where NumPy makes two (the
     mask, then the product) and a temporary. The same product, so NaN and -0.0 come out as
@@ -245,3 +266,11 @@ def relu_backward(dy, y):
     dx = np.empty_like(dy)
     _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx
+
+
+def softmax_forward(x):
+    """Numba twin of ``reference.softmax_forward``: softmax over the last axis."""
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    _softmax_kernel(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]))
+    return y

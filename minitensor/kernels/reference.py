@@ -234,6 +234,15 @@ def upsample_backward(dy, sh, sw):
     return dx
 
 
+def softmax_forward(x):
+    """Softmax over the last axis: exp(x - max) / sum(exp(x - max)) (activations.py derives its
+    backward). Subtracting the max changes nothing mathematically and keeps exp from overflowing."""
+    xp = get_array_module(x)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def relu_backward(dy, y):
     """dx = dy where the ReLU's output y was positive, else 0: ``dy * (y > 0)`` (activations.py
     derives it). dy and y share shape, dtype and device."""

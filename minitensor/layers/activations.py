@@ -33,6 +33,10 @@ def relu_backward(dy, y):
 
 
 def softmax_forward(x, axis=-1):
+    """exp(x - max) / sum(exp(x - max)) along ``axis``; over the channels (the last axis) by
+    kernels.softmax_forward (one numba pass per pixel on the CPU)."""
+    if axis in (-1, x.ndim - 1):
+        return kernels.softmax_forward(x)
     xp = backend.get_array_module(x)
     # Subtracting the max changes nothing mathematically and keeps exp from overflowing.
     shifted = x - x.max(axis=axis, keepdims=True)
