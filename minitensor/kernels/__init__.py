@@ -1,5 +1,5 @@
 """The hot kernels of minitensor: convolution (im2col/col2im, Winograd, direct), max pooling, upsampling,
-ReLU's backward, Adam's step.
+ReLU's backward, softmax, Adam's step.
 
 Each kernel exists three times with one signature (docs/CONTRACTS.md):
 
