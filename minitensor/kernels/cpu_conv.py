@@ -33,10 +33,8 @@ then gives up on the aliasing of y and W (measured: scalar code, 13 GFLOP/s inst
 Performance contract (measured on a 2-core AMD EPYC with AVX-512, batch 16, float32, see
 docs/benchmarks.md): 100-170 GFLOP/s on the U-Nets' layers in isolation, about the speed of
 im2col + GEMM there, with no memory beyond the padded copy of the input (scratch memory) and
-the output, against X_col's 9x. Layers with exactly NARROW_CHANNELS = 32 output channels take
-a register-blocked variant (6 pixels x 32 channels of sums held in registers). Inside a whole
-training step it did not beat im2col + GEMM (docs/benchmarks.md, "Tried and not kept"), and
-Winograd (cpu_winograd.py) beat both on the layers where either could, so ``conv_algorithm
+the output, against X_col's 9x. Winograd (cpu_winograd.py) is faster on every layer where
+either beats im2col + GEMM (docs/benchmarks.md, "Tried and not kept"), so ``conv_algorithm
 ("auto")`` never picks this kernel: it is there for ``conv_algorithm("direct")``, for kernels
 other than 3x3, and as the plainest fast twin to learn from. Float sums: each output element is
 added up in a fixed order, (i, j, c) with c four at a time, independent of the thread count;
@@ -172,86 +170,6 @@ def _forward_kernel(x_pad, kernel, bias, y, relu):
                     y[n, oh, ow, o] = max(y[n, oh, ow, o], 0)
 
 
-#: Output channels of the register-blocked kernel: a compile-time constant, so that LLVM can keep
-#: the 6 x 32 sums of a block in vector registers for the whole (i, j, c) loop.
-NARROW_CHANNELS = 32
-
-
-@_jit
-def _narrow_forward_kernel(x_pad, kernel, bias, y, relu):
-    """_forward_kernel for exactly NARROW_CHANNELS output channels, 6 pixels per task.
-
-    With a constant trip count the o loop is unrolled into 2 vectors of 16, and the 12 vectors
-    of sums ``y[n, oh, q + p, 0:32]`` stay in registers across the whole (i, j, c) loop: per 4
-    input channels, 24 broadcasts and 8 weight vectors feed 48 multiply-adds, with no load or
-    store of y. The same order of additions as _forward_kernel."""
-    n_batch, _, _, channels = x_pad.shape
-    kernel_h, kernel_w, _, _ = kernel.shape
-    _, out_h, out_w, _ = y.shape
-    blocks = (out_w + 5) // 6
-    for task in prange(n_batch * out_h * blocks):
-        n, rest = divmod(np.int64(task), out_h * blocks)
-        oh, block = divmod(rest, blocks)
-        q = block * 6
-        last = min(q + 6, out_w)
-        for ow in range(q, last):
-            for o in range(NARROW_CHANNELS):
-                y[n, oh, ow, o] = bias[o]
-        for i in range(kernel_h):
-            h = oh + i
-            for j in range(kernel_w):
-                for c in range(0, channels, 4):
-                    if last - q == 6:
-                        x00 = x_pad[n, h, q + j, c]
-                        x01 = x_pad[n, h, q + j, c + 1]
-                        x02 = x_pad[n, h, q + j, c + 2]
-                        x03 = x_pad[n, h, q + j, c + 3]
-                        x10 = x_pad[n, h, q + 1 + j, c]
-                        x11 = x_pad[n, h, q + 1 + j, c + 1]
-                        x12 = x_pad[n, h, q + 1 + j, c + 2]
-                        x13 = x_pad[n, h, q + 1 + j, c + 3]
-                        x20 = x_pad[n, h, q + 2 + j, c]
-                        x21 = x_pad[n, h, q + 2 + j, c + 1]
-                        x22 = x_pad[n, h, q + 2 + j, c + 2]
-                        x23 = x_pad[n, h, q + 2 + j, c + 3]
-                        x30 = x_pad[n, h, q + 3 + j, c]
-                        x31 = x_pad[n, h, q + 3 + j, c + 1]
-                        x32 = x_pad[n, h, q + 3 + j, c + 2]
-                        x33 = x_pad[n, h, q + 3 + j, c + 3]
-                        x40 = x_pad[n, h, q + 4 + j, c]
-                        x41 = x_pad[n, h, q + 4 + j, c + 1]
-                        x42 = x_pad[n, h, q + 4 + j, c + 2]
-                        x43 = x_pad[n, h, q + 4 + j, c + 3]
-                        x50 = x_pad[n, h, q + 5 + j, c]
-                        x51 = x_pad[n, h, q + 5 + j, c + 1]
-                        x52 = x_pad[n, h, q + 5 + j, c + 2]
-                        x53 = x_pad[n, h, q + 5 + j, c + 3]
-                        for o in range(NARROW_CHANNELS):
-                            w0 = kernel[i, j, c, o]
-                            w1 = kernel[i, j, c + 1, o]
-                            w2 = kernel[i, j, c + 2, o]
-                            w3 = kernel[i, j, c + 3, o]
-                            y[n, oh, q, o] += x00 * w0 + x01 * w1 + x02 * w2 + x03 * w3
-                            y[n, oh, q + 1, o] += x10 * w0 + x11 * w1 + x12 * w2 + x13 * w3
-                            y[n, oh, q + 2, o] += x20 * w0 + x21 * w1 + x22 * w2 + x23 * w3
-                            y[n, oh, q + 3, o] += x30 * w0 + x31 * w1 + x32 * w2 + x33 * w3
-                            y[n, oh, q + 4, o] += x40 * w0 + x41 * w1 + x42 * w2 + x43 * w3
-                            y[n, oh, q + 5, o] += x50 * w0 + x51 * w1 + x52 * w2 + x53 * w3
-                    else:
-                        for ow in range(q, last):
-                            x0 = x_pad[n, h, ow + j, c]
-                            x1 = x_pad[n, h, ow + j, c + 1]
-                            x2 = x_pad[n, h, ow + j, c + 2]
-                            x3 = x_pad[n, h, ow + j, c + 3]
-                            for o in range(NARROW_CHANNELS):
-                                y[n, oh, ow, o] += (x0 * kernel[i, j, c, o] + x1 * kernel[i, j, c + 1, o]
-                                                    + x2 * kernel[i, j, c + 2, o] + x3 * kernel[i, j, c + 3, o])
-        if relu:
-            for ow in range(q, last):
-                for o in range(NARROW_CHANNELS):
-                    y[n, oh, ow, o] = max(y[n, oh, ow, o], 0)
-
-
 @_jit
 def _kernel_grad_kernel(x_pad, dz, partial):
     """partial[band] = the band's share of dW: sum over its output rows of x_pad windows * dz.
@@ -328,8 +246,7 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False)
         bias = np.zeros(out_channels, dtype=x.dtype)
     x_pad = pad_input(x, pad_top, pad_left, out_h + kernel_h - 1, out_w + kernel_w - 1)
     y = np.empty((n_batch, out_h, out_w, out_channels), dtype=x.dtype)
-    forward = _narrow_forward_kernel if out_channels == NARROW_CHANNELS else _forward_kernel
-    forward(x_pad, kernel, np.ascontiguousarray(bias), y, bool(relu))
+    _forward_kernel(x_pad, kernel, np.ascontiguousarray(bias), y, bool(relu))
     return y
 
 

@@ -293,9 +293,8 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False)
 
 
 def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left):
-    """Winograd twin of ``reference.conv2d_kernel_grad`` for a 3x3 kernel: dW (3, 3, C, OC)."""
-    if (kernel_h, kernel_w) != (3, 3):
-        raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, got {kernel_h}x{kernel_w}")
+    """Winograd twin of ``reference.conv2d_kernel_grad`` for a 3x3 kernel (kernels.conv2d_kernel_grad
+    checks that): dW (3, 3, C, OC)."""
     n_batch, _, _, channels = x.shape
     _, out_h, out_w, out_channels = dz.shape
     x_pad = _padded(x, pad_top, pad_left, out_h, out_w)
