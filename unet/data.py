@@ -12,9 +12,13 @@ exactly the seed's::
 the generator wrote also holds ``ROOT/shapes.json``, its parameters. A user's own data set in the
 same layout is read the same way.
 
-A mask PNG holds the class index in every channel it has, so the seed's
+A mask PNG we write holds the class index in every channel it has, so the seed's
 ``cv.imread(path)[:, :, 0]`` reads it back (OpenCV's default read turns a 1-channel PNG into 3
-equal channels). Images are kept in OpenCV's BGR order, as the seed feeds them to the network.
+equal channels). We read masks unchanged instead (``read_mask``), so that a user's masks in the
+other usual layouts (16-bit, palette PNGs, the class colours) are read as they are meant, and any
+other layout is an error that says what was found: OpenCV's colour read would turn them into
+zeros, all background. Files are read by their content (``unet/imagefiles.py``), the reader
+predict.py uses too. Images are kept in OpenCV's BGR order, as the seed feeds them to the network.
 Batches are read by ``unet/batches.py``.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import NamedTuple
 
 import cv2 as cv
 import numpy as np
+
+from .imagefiles import ImageFileError, decode_bytes, is_palette_png, palette_indices, read_checked, read_image
 
 NUM_CLASSES = 4
 CLASS_NAMES = ("background", "circle", "triangle", "square")
@@ -107,32 +113,15 @@ def write_image_atomic(path, array):
     os.replace(temporary, path)
 
 
-def _is_truncated(data, path):
-    """True if a JPEG or PNG file lacks its end marker: OpenCV would decode the part that is
-    there without complaint (filling the rest with grey), so we look for the marker ourselves."""
-    tail = data[-16:].tobytes().rstrip(b"\x00")
-    if path.lower().endswith((".jpg", ".jpeg")):
-        return not tail.endswith(b"\xff\xd9")
-    if path.lower().endswith(".png"):
-        return not tail.endswith(b"IEND\xaeB`\x82")
-    return False
-
-
 def read_bgr(path):
-    """Read an image file as uint8 BGR (H, W, 3), as ``cv.imread`` does, or raise DatasetError."""
-    path = os.fspath(path)
+    """Read an image file as uint8 BGR (H, W, 3), as ``cv.imread`` does, or raise DatasetError.
+
+    The file is read by ``unet/imagefiles.py``, as predict.py reads it: by its content, whatever its name.
+    """
     try:
-        data = np.fromfile(path, np.uint8)
-    except FileNotFoundError:
-        raise DatasetError([(path, "missing")]) from None
-    except OSError as exc:
-        raise DatasetError([(path, f"unreadable ({exc.strerror})")]) from None
-    if data.size == 0 or _is_truncated(data, path):
-        raise DatasetError([(path, "corrupt (empty or truncated file)")])
-    image = cv.imdecode(data, cv.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError([(path, "corrupt (OpenCV cannot decode it)")])
-    return image
+        return read_image(path, cv.IMREAD_COLOR)
+    except ImageFileError as error:
+        raise DatasetError([(error.path, error.reason)]) from None
 
 
 def _check_size(path, array, image_size):
@@ -152,17 +141,81 @@ def load_image(path, image_size=None):
 
 
 def load_mask(path, num_classes=NUM_CLASSES, image_size=None):
-    """A mask as uint8 class indices (H, W), read as the seed does: channel 0 of ``cv.imread``.
+    """A mask as uint8 class indices (H, W), from a file in any layout ``read_mask`` accepts.
 
-    Raises DatasetError for a value outside 0 .. num_classes-1 or (with ``image_size``) a wrong size.
+    Raises DatasetError for a layout it refuses, a value outside 0 .. num_classes-1 or (with
+    ``image_size``) a wrong size.
     """
     path = os.fspath(path)
-    mask = read_bgr(path)[:, :, 0]
+    mask = read_mask(path)
     _check_size(path, mask, image_size)
     if mask.max() >= num_classes:
         bad = sorted(int(v) for v in np.unique(mask[mask >= num_classes]))
-        raise DatasetError([(path, f"mask values {bad} outside 0..{num_classes - 1}")])
-    return mask
+        shown = f"{bad[:10]}"[:-1] + (", ...]" if len(bad) > 10 else "]")
+        hint = "; 255 is PASCAL VOC's 'void' (object border) label: give those pixels a class" if 255 in bad else ""
+        raise DatasetError([(path, f"mask values {shown} outside 0..{num_classes - 1}{hint}")])
+    return mask.astype(np.uint8, copy=False)
+
+
+def read_mask(path, palette=PALETTE):
+    """The class index of every pixel of a mask file (H, W), uint8 or uint16, read unchanged.
+
+    Accepted: one channel of 8 or 16 bits (the index itself); a palette PNG (its palette indices);
+    three (or four, fully opaque) equal channels, the seed's own format read by
+    ``cv.imread(path)[:, :, 0]``; and a colour image in the class ``palette`` (what ``colorize_mask``
+    writes), mapped back to indices. Anything else raises DatasetError saying what was found:
+    OpenCV's colour read would turn a 16-bit or palette mask into zeros, i.e. all background, and
+    training would "succeed" on it.
+    """
+    path = os.fspath(path)
+    try:
+        data, kind = read_checked(path)
+        if kind == "JPEG":
+            raise ImageFileError(path, "a JPEG file: its lossy compression changes the class indices near every "
+                                       "edge; save masks as PNG")
+        if is_palette_png(data):
+            return palette_indices(path, data)
+        image = decode_bytes(path, data, cv.IMREAD_UNCHANGED)
+    except ImageFileError as error:
+        raise DatasetError([(error.path, error.reason)]) from None
+    return _indices_from_pixels(path, image, palette)
+
+
+def _indices_from_pixels(path, image, palette):
+    """``read_mask``'s rules for a decoded image (``cv.IMREAD_UNCHANGED``)."""
+    def refuse(found):
+        raise DatasetError([(path, f"{found}; a mask holds one class index per pixel (one channel of 8 or "
+                                   f"16 bits, or a palette PNG), or the class colours {_rgb(palette)} (RGB)")])
+
+    if image.dtype not in (np.uint8, np.uint16):
+        refuse(f"{image.dtype} pixels")
+    if image.ndim == 2:
+        return image
+    channels = image.shape[2]
+    if channels == 4:
+        if not (image[:, :, 3] == np.iinfo(image.dtype).max).all():
+            refuse("4 channels (colour with transparency)")
+        image = image[:, :, :3]
+    elif channels != 3:
+        refuse(f"{channels} channels")
+    if (image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all():
+        return image[:, :, 0]
+    if image.dtype != np.uint8:
+        refuse("a 16-bit colour image (its channels differ)")
+    try:
+        return decolorize_mask(image, palette)
+    except ValueError:
+        known = np.zeros(image.shape[:2], bool)
+        for color in palette:
+            known |= np.all(image == np.asarray(color, np.uint8), axis=-1)
+        others = np.unique(image[~known], axis=0)
+        shown = ", ".join(str(tuple(int(v) for v in color[::-1])) for color in others[:3])
+        refuse(f"a colour image whose colours are not the class palette: {int((~known).sum())} pixels have "
+               f"{len(others)} other colour(s), such as {shown} (RGB)")
+
+
+def _rgb(palette):
+    return ", ".join(str(tuple(int(v) for v in color[::-1])) for color in palette)
 
 
 def one_hot(mask, num_classes, dtype=np.float32):
