@@ -1,4 +1,5 @@
 """Confusion matrix, IoU, Dice and their means on hand-made examples (unet/metrics.py)."""
+import json
 import math
 import warnings
 
@@ -6,7 +7,7 @@ import cv2 as cv
 import numpy as np
 import pytest
 
-from unet import metrics
+from unet import metrics, report
 from unet.data import PALETTE, DatasetError, colorize_mask
 
 # A 4x4 example worked out by hand: class 3 is in neither map.
@@ -107,3 +108,31 @@ def test_a_missing_prediction_is_named(tmp_path):
     (tmp_path / "pred").mkdir()
     with pytest.raises(DatasetError, match="0.png: missing"):
         metrics.score_mask_files(tmp_path / "true", tmp_path / "pred", [0], 4, PALETTE)
+
+
+def test_classes_absent_from_the_truth_or_the_prediction_are_named():
+    """A test set without squares scores square nan: the table and metrics.json say why, and a class
+    never predicted is named too."""
+    cm = np.array([[10, 0, 0, 2],      # square predicted on 2 background pixels, never true
+                   [0, 0, 0, 0],       # circle: absent from both
+                   [1, 0, 3, 0],       # triangle: true and predicted
+                   [0, 0, 0, 0]])
+    scores = metrics.segmentation_scores(cm)
+    assert scores["absent_from_truth"] == [1, 3] and scores["absent_from_prediction"] == [1]
+    table = metrics.format_scores(scores)
+    assert "absent from the true masks: circle, square" in table
+    assert "in neither the true masks nor the predictions: circle (IoU and Dice undefined, nan" in table
+    assert "never predicted: circle" in table
+    text = json.loads(report.json_text(scores))
+    assert text["absent_from_truth"] == [1, 3] and text["absent_from_prediction"] == [1]
+
+
+def test_a_table_where_every_class_occurs_says_nothing_more():
+    table = metrics.format_scores(metrics.segmentation_scores(np.diag([5, 1, 1, 1])))
+    assert "absent" not in table and "never" not in table
+
+
+def test_a_test_set_without_any_shape_says_it_cannot_score_the_model():
+    table = metrics.format_scores(metrics.segmentation_scores(np.diag([16, 0, 0, 0])))
+    assert "pixel accuracy 1.0000" in table
+    assert "no shape class (circle, triangle, square) occurs in the true masks or the predictions" in table

@@ -14,6 +14,11 @@ evidence", and it is left out of the means (a class that is predicted but absent
 counts). The headline means are over the shape classes 1 .. num_classes-1 (circle, triangle,
 square): the background covers ~90% of the pixels and would flatter every model. The means with
 the background are reported beside them.
+
+A score over nothing is no score: the classes absent from the true masks (``absent_from_truth``)
+and never predicted (``absent_from_prediction``) are listed with the scores, and ``format_scores``
+names them, so a nan (or a pixel accuracy of 1.0 on a test set of background only) does not pass
+for a result.
 """
 from __future__ import annotations
 
@@ -74,7 +79,8 @@ def segmentation_scores(cm, classes=None):
     """Every score of a confusion matrix, as a dict of plain Python numbers and lists:
     ``iou``/``dice`` per class, ``mean_iou``/``mean_dice`` over ``classes`` (default the shape
     classes 1 .. num_classes-1), ``mean_iou_with_background``/``mean_dice_with_background`` over
-    all classes, ``pixel_accuracy`` and the ``confusion_matrix`` itself."""
+    all classes, ``pixel_accuracy``, the classes ``absent_from_truth`` and ``absent_from_prediction``
+    (lists of class indices) and the ``confusion_matrix`` itself."""
     cm = np.asarray(cm)
     num_classes = cm.shape[0]
     classes = list(range(1, num_classes) if classes is None else classes)
@@ -90,6 +96,8 @@ def segmentation_scores(cm, classes=None):
         "mean_iou_with_background": mean_over(iou, every_class),
         "mean_dice_with_background": mean_over(dice, every_class),
         "pixel_accuracy": float(np.trace(cm) / total) if total else float("nan"),
+        "absent_from_truth": [int(c) for c in np.flatnonzero(cm.sum(axis=1) == 0)],
+        "absent_from_prediction": [int(c) for c in np.flatnonzero(cm.sum(axis=0) == 0)],
         "confusion_matrix": cm.tolist(),
     }
 
@@ -126,7 +134,8 @@ def _load_colored_mask(path, palette, shape):
 
 
 def format_scores(scores, class_names=CLASS_NAMES):
-    """A small table of per-class IoU and Dice followed by the means, for logs and reports."""
+    """A small table of per-class IoU and Dice followed by the means, for logs and reports, and a
+    line for each kind of absent class (see ``absent_notes``)."""
     lines = [f"{'class':<12}{'IoU':>8}{'Dice':>8}"]
     for name, iou, dice in zip(class_names, scores["iou"], scores["dice"]):
         lines.append(f"{name:<12}{iou:>8.4f}{dice:>8.4f}")
@@ -134,4 +143,29 @@ def format_scores(scores, class_names=CLASS_NAMES):
     lines.append(f"mean IoU {scores['mean_iou']:.4f}, mean Dice {scores['mean_dice']:.4f} ({shape_names})")
     lines.append(f"with background: mean IoU {scores['mean_iou_with_background']:.4f}, "
                  f"mean Dice {scores['mean_dice_with_background']:.4f}; pixel accuracy {scores['pixel_accuracy']:.4f}")
-    return "\n".join(lines)
+    return "\n".join(lines + absent_notes(scores, class_names))
+
+
+def absent_notes(scores, class_names=CLASS_NAMES):
+    """Lines naming the classes absent from the true masks, those in neither (scored nan, left out
+    of the means) and those never predicted; none when every class occurs in both."""
+    def names(classes):
+        return ", ".join(class_names[c] for c in classes)
+
+    truth, prediction = scores.get("absent_from_truth", []), scores.get("absent_from_prediction", [])
+    neither = [c for c in truth if c in prediction]
+    notes = []
+    if truth:
+        pronoun = "they are" if len(truth) > 1 else "it is"
+        notes.append(f"note: absent from the true masks: {names(truth)} (this test set cannot show how well "
+                     f"{pronoun} found)")
+    if neither:
+        notes.append(f"note: in neither the true masks nor the predictions: {names(neither)} (IoU and Dice "
+                     f"undefined, nan, left out of the means)")
+    if prediction:
+        notes.append(f"note: never predicted: {names(prediction)}")
+    if all(c in neither for c in scores["classes"]):
+        notes.append(f"note: no shape class ({names(scores['classes'])}) occurs in the true masks or the "
+                     f"predictions: the means are nan and the pixel accuracy counts background only; this test "
+                     f"set cannot score the model")
+    return notes
