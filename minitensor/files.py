@@ -39,11 +39,25 @@ def with_prefix(data, prefix):
     return {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"   # the first bytes of every HDF5 file, Keras's .h5 among them
+
+
 def read_npz(path):
-    """Every array of a minitensor ``.npz``, or a ModelFileError that names the problem."""
+    """Every array of a minitensor ``.npz``, or a ModelFileError that names the problem (a Keras
+    ``.h5`` file is told by its first bytes and pointed to ``Model.load_keras_weights``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a folder, not a model file; give the path of a .npz (e.g. {path}/last.npz)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    if head == HDF5_SIGNATURE:
+        raise ModelFileError(f"{path}: is an HDF5 file (Keras's .h5 or .weights.h5 format), not a minitensor .npz; "
+                             f"build the model in code and call model.load_keras_weights({os.path.basename(path)!r})")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}

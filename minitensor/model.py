@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 
 from . import backend, losses as loss_module, optimizers as optimizer_module
 from .files import ModelFileError, atomic_savez, read_npz, with_prefix
 from .layers.base import InputLayer, SymbolicTensor
+from .summary import summary_text
 
 FORMAT_VERSION = 1
 
@@ -56,6 +58,19 @@ def _collect_nodes(output):
     visit(output)
     tensors.sort(key=lambda t: t.call_index)
     return [_Node(t.producer, t.inputs, t) for t in tensors]
+
+
+def _optimizer(optimizer):
+    """``compile``'s optimizer: an object with a ``step`` method, or the name "adam"."""
+    if isinstance(optimizer, str):
+        if optimizer.lower() != "adam":
+            raise ValueError(f"unknown optimizer {optimizer!r}: minitensor has Adam only; pass \"adam\" or "
+                             f"minitensor.optimizers.Adam(learning_rate=...)")
+        return optimizer_module.Adam()
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError(f"optimizer must be \"adam\" or an optimizer object such as minitensor.optimizers.Adam(), "
+                        f"got {optimizer!r}")
+    return optimizer
 
 
 class Model:
@@ -196,7 +211,9 @@ class Model:
 
     # ----- Keras-style training API ------------------------------------------------------
     def compile(self, optimizer="adam", loss="binary_crossentropy"):
-        self.optimizer = optimizer_module.Adam() if optimizer == "adam" else optimizer
+        """``optimizer``: an optimizer object, or a name Keras takes for one minitensor has ("adam", any
+        case); ``loss``: a Loss or its name (``losses.get``)."""
+        self.optimizer = _optimizer(optimizer)
         self.loss = loss_module.get(loss) if isinstance(loss, str) else loss
         return self
 
@@ -294,6 +311,8 @@ class Model:
 
     def predict(self, x, batch_size=32):
         """Output probabilities as a NumPy array, whatever the device; x is NumPy (N, H, W, C)."""
+        if not hasattr(x, "shape"):           # a list, as Keras takes it
+            x = np.asarray(x)
         if getattr(x, "ndim", None) == 3:
             raise ValueError(f"predict expects a batch (N, H, W, C), got shape {tuple(x.shape)}; use x[None]")
         if len(x) == 0:
@@ -307,24 +326,8 @@ class Model:
 
     # ----- summary ------------------------------------------------------------------------
     def summary(self, print_fn=print, line_length=104):
-        """Print Keras's table: layer (type), output shape, parameter count, what it is connected to."""
-        columns = (40, 22, 12)
-        rule = "_" * line_length
-
-        def row(name, shape, params, connected):
-            return f"{name:<{columns[0]}}{shape:<{columns[1]}}{params:<{columns[2]}}{connected}"
-
-        lines = [f'Model: "{self.name}"', rule, row("Layer (type)", "Output Shape", "Param #", "Connected to"),
-                 "=" * line_length]
-        for i, node in enumerate(self.nodes):
-            shape = "(None, " + ", ".join(map(str, node.output.shape)) + ")"
-            connected = ", ".join(t.producer.name for t in node.inputs) or "-"
-            label = f"{node.layer.name} ({type(node.layer).__name__})"
-            lines.append(row(label, shape, f"{node.layer.count_params():,}", connected))
-            lines.append(rule if i == len(self.nodes) - 1 else "")
-        total = self.count_params()
-        lines += [f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0", rule]
-        text = "\n".join(lines)
+        """Print and return Keras's table of the layers (minitensor/summary.py writes it)."""
+        text = summary_text(self, line_length)
         if print_fn is not None:
             print_fn(text)
         return text
@@ -350,6 +353,8 @@ class Model:
         only once complete, so an interrupted save never destroys the previous file.
         ``extra`` is a dict of JSON-able training state (epoch, callbacks, RNG) kept alongside.
         """
+        if os.path.isdir(path):
+            raise ModelFileError(f"{path}: is a folder; give a file path such as {os.path.join(path, 'model.npz')}")
         optimizer_state = self.optimizer.get_state() if self.optimizer is not None else None
         atomic_savez(path, self.file_arrays(self.weights_dict(), optimizer_state, extra))
 

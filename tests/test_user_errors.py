@@ -204,3 +204,45 @@ def test_training_mirrors_the_border_as_tiled_prediction_does():
     for padded, image in zip(padded_images, images):
         np.testing.assert_array_equal(padded, mirror(image, (92, 92), (92, 92)))
         np.testing.assert_array_equal(padded, np.pad(image, ((92, 92), (92, 92), (0, 0)), mode="reflect"))
+
+
+# ----- the Python API's messages (issue 25) -----------------------------------------------------------------
+
+def test_load_model_on_a_keras_h5_file_points_to_load_keras_weights(tmp_path):
+    import h5py
+
+    from minitensor import ModelFileError, load_model
+    path = tmp_path / "seed_weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("model_weights/conv1/kernel", data=np.zeros((3, 3, 3, 4), np.float32))
+    with pytest.raises(ModelFileError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "HDF5" in message and "load_keras_weights" in message and "truncated" not in message
+
+
+def test_predict_on_an_empty_list_is_a_message():
+    set_seed(0)
+    model = small_unet((32, 32, 3), base_filters=2)
+    with pytest.raises(ValueError, match=r"predict got an empty batch \(shape \(0,\)\)"):
+        model.predict([])
+
+
+def test_compile_names_the_optimizers_there_are():
+    from minitensor.optimizers import Adam
+    set_seed(0)
+    model = small_unet((32, 32, 3), base_filters=2)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd': minitensor has Adam only"):
+        model.compile("sgd", "softmax_cross_entropy")
+    with pytest.raises(TypeError, match="optimizer must be"):
+        model.compile(3, "softmax_cross_entropy")
+    assert isinstance(model.compile("Adam", "softmax_cross_entropy").optimizer, Adam)
+
+
+def test_save_to_a_folder_names_the_path_and_the_fix(tmp_path):
+    from minitensor import ModelFileError
+    set_seed(0)
+    model = small_unet((32, 32, 3), base_filters=2)
+    with pytest.raises(ModelFileError, match=f"{tmp_path}: is a folder; give a file path such as "):
+        model.save(tmp_path)
+    assert os.listdir(tmp_path) == []
