@@ -4,8 +4,9 @@
     python -m bench.conv_shapes --original      # unet's deep shapes (batch 1)
 
 For every shape it times the forward product and the kernel gradient dW under im2col + GEMM
-(the layer's own path, in cache-sized pieces), the direct kernel and Winograd, interleaved,
-and prints the best of ``--repeats`` runs in ms. layers.conv2d.prefers_winograd is read off
+(kernels/conv_gemm.py, in cache-sized pieces), the direct kernel and Winograd, interleaved,
+through the public ops ``kernels.conv2d_forward`` / ``conv2d_kernel_grad`` with ``algorithm=``,
+and prints the best of ``--repeats`` runs in ms. kernels/conv_policy.py's prefers_winograd is read off
 this table (docs/benchmarks.md, "Choosing the algorithm"); rerun it on a new machine kind
 before changing the rule. float32, stride 1, 3x3, 'same' padding, on a quiet machine.
 """
@@ -17,7 +18,6 @@ import time
 import minitensor  # noqa: F401  before NumPy: its CPU settings (minitensor/cpu_runtime.py) apply
 import numpy as np
 from minitensor import kernels
-from minitensor.layers.conv2d import column_pieces, convolve_as_gemm
 
 SMALL = [(16, 128, 3, 32), (16, 128, 32, 32), (16, 128, 64, 32), (16, 64, 32, 64), (16, 64, 96, 32),
          (16, 32, 128, 128), (16, 32, 192, 64), (16, 16, 128, 128), (16, 16, 384, 128), (16, 8, 256, 256)]
@@ -25,25 +25,15 @@ ORIGINAL = [(1, 138, 256, 256), (1, 102, 512, 256), (1, 66, 512, 512), (1, 54, 1
 ALGORITHMS = ("gemm", "direct", "winograd")
 
 
-def gemm_kernel_grad(x, dz, out_channels):
-    """dW as Conv2D's GEMM path computes it: the sum of X_col^T @ dZ over cache-sized pieces."""
-    grad = None
-    for images, rows, cols in column_pieces(x, (3, 3), (1, 1), 1, 1, x.shape[1], x.shape[2]):
-        piece = cols.T @ dz[images, rows].reshape(-1, out_channels)
-        grad = piece if grad is None else grad + piece
-    return grad
-
-
 def products(x, kernel, dz):
     """name -> a call computing that product, for every algorithm."""
-    size, out_channels = x.shape[1], kernel.shape[3]
-    calls = {"forward gemm": lambda: convolve_as_gemm(x, (3, 3), (1, 1), 1, 1, size, size,
-                                                      kernel.reshape(-1, out_channels)),
-             "dW gemm": lambda: gemm_kernel_grad(x, dz, out_channels)}
-    for algorithm in ALGORITHMS[1:]:
-        calls[f"forward {algorithm}"] = lambda a=algorithm: kernels.conv2d_forward(x, kernel, None, 1, 1, size, size,
+    size = x.shape[1]
+    geometry = kernels.ConvGeometry(3, 3, 1, 1, 1, 1, size, size)          # 3x3, stride 1, 'same'
+    calls = {}
+    for algorithm in ALGORITHMS:
+        calls[f"forward {algorithm}"] = lambda a=algorithm: kernels.conv2d_forward(x, kernel, None, geometry,
                                                                                    algorithm=a)
-        calls[f"dW {algorithm}"] = lambda a=algorithm: kernels.conv2d_kernel_grad(x, dz, 3, 3, 1, 1, algorithm=a)
+        calls[f"dW {algorithm}"] = lambda a=algorithm: kernels.conv2d_kernel_grad(x, dz, geometry, algorithm=a)
     return calls
 
 

@@ -5,9 +5,10 @@ objects of this one model (nothing in minitensor's files changes):
 
 * each layer's ``forward`` and ``backward`` (rows named after the layers, as in ``summary()``);
 * the loss's ``forward`` + ``backward`` (one row) and the optimizer's ``step`` (one row);
-* inside the layers, the hot kernels of ``minitensor.kernels`` (im2col, col2im, max-pool,
-  upsampling), attributed to the layer that called them: a Conv2D's time minus its im2col/col2im
-  time is its matrix products (BLAS / cuBLAS) plus bias and activation;
+* inside the layers, the ops of ``minitensor.kernels`` (the three convolution products, max-pool,
+  upsampling), attributed to the layer that called them, and for a Conv2D the algorithm each
+  product ran (``kernels.conv_algorithm_of``): a Conv2D's time minus its kernel time is the
+  bias gradient, the activation's backward and the layer's own bookkeeping;
 * what is left of the step ("other": the model's bookkeeping and the ``+=`` of the two gradients
   that reach each skip connection's encoder map).
 
@@ -28,7 +29,8 @@ import statistics
 import time
 from collections import defaultdict
 
-KERNEL_NAMES = ("im2col", "col2im", "conv2d_forward", "conv2d_kernel_grad", "maxpool_forward", "maxpool_backward", "upsample_forward", "upsample_backward")
+KERNEL_NAMES = ("conv2d_forward", "conv2d_input_grad", "conv2d_kernel_grad", "maxpool_forward", "maxpool_backward",
+                "upsample_forward", "upsample_backward")
 
 
 def conv_flops(layer, output_shape, batch):
@@ -97,9 +99,7 @@ def _instrumented(model, recorder):
         def kernel_wrapper(name, function):
             def wrapper(*args, **kwargs):
                 if name.startswith("conv2d_"):
-                    recorder.algorithms[recorder.current].add(kwargs.get("algorithm", "direct"))
-                elif name in ("im2col", "col2im"):
-                    recorder.algorithms[recorder.current].add("gemm")
+                    recorder.algorithms[recorder.current].add(kernels.conv_algorithm_of(name, *args, **kwargs))
                 start = recorder.now()
                 try:
                     return function(*args, **kwargs)
@@ -242,7 +242,7 @@ def format_profile(profile, title="", top=None):
 
 
 def format_by_type(profile):
-    """Totals per layer type, and how a Conv2D's time splits into im2col, GEMM and col2im."""
+    """Totals per layer type, and how a Conv2D's time splits into its three convolution products and the rest."""
     by_type = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     kernel_totals = defaultdict(float)
     conv_gflop, conv_ms = 0.0, 0.0
@@ -262,13 +262,13 @@ def format_by_type(profile):
     for kind, (count, fwd, bwd, share) in sorted(by_type.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
         lines.append(f"{kind:<16}{count:>6}{fwd:10.2f}{bwd:10.2f}{fwd + bwd:10.2f}{100 * share:7.1f}%")
     if conv_ms > 0:
-        inside = sum(kernel_totals.values())
-        gemm = conv_ms - inside
+        products = sum(kernel_totals.values())
+        rest = conv_ms - products
         parts = [f"{name} {ms:.1f} ms ({100 * ms / conv_ms:.0f}%)" for name, ms in sorted(kernel_totals.items())]
         lines.append("")
         lines.append(f"Conv2D time {conv_ms:.1f} ms = " + " + ".join(
-            parts + [f"matrix products, bias, activation {gemm:.1f} ms ({100 * gemm / conv_ms:.0f}%)"]))
+            parts + [f"bias gradient, activation backward, bookkeeping {rest:.1f} ms ({100 * rest / conv_ms:.0f}%)"]))
         lines.append(f"Conv2D arithmetic: {conv_gflop:.1f} GFLOP per step at {conv_gflop / (conv_ms / 1e3):.1f} GFLOP/s "
-                     f"overall ({conv_gflop / (gemm / 1e3):.1f} GFLOP/s counting only the matrix-product part)"
-                     if gemm > 0 else f"Conv2D arithmetic: {conv_gflop:.1f} GFLOP per step")
+                     f"overall ({conv_gflop / (products / 1e3):.1f} GFLOP/s counting only the three products)"
+                     if products > 0 else f"Conv2D arithmetic: {conv_gflop:.1f} GFLOP per step")
     return "\n".join(lines)

@@ -1,12 +1,11 @@
 """Direct convolution on the CPU (numba): stride-1 Conv2D without im2col, forward and kernel gradient.
 
-The plain path (``Conv2D`` with ``conv_algorithm("gemm")``, and ``reference.conv2d_forward``)
-copies every 3x3xC window into a row of X_col and hands one matrix product to BLAS. At the
-U-Nets' full-resolution layers that is a poor deal twice over: X_col is 9x the input, so im2col
-streams hundreds of megabytes per call, and with 32 output channels the product is a tall,
-narrow (262144 x 288) @ (288 x 32) on which OpenBLAS runs at half its square-matrix speed.
-This file computes the same sums straight from the input, in the order that keeps the CPU's
-vector units busy:
+The im2col path (``conv_gemm.py``, and ``reference.conv2d_forward``) copies every KH x KW x C
+window into a row of X_col and hands one matrix product to BLAS. At the U-Nets' full-resolution
+layers that is a poor deal twice over: X_col is 9x the input, so im2col streams hundreds of
+megabytes per call, and with 32 output channels the product is a tall, narrow (N*H*W x 9C) @
+(9C x 32), far from the square shapes BLAS runs best. This file computes the same sums straight
+from the input, in the order that keeps the CPU's vector units busy:
 
     y[n, oh, ow, o] = b[o] + sum_{i, j, c} x_pad[n, oh + i, ow + j, c] * W[i, j, c, o]
 
@@ -14,33 +13,32 @@ vector units busy:
 
 with x_pad the input in a zero frame (the padding) and its channels rounded up to a multiple
 of 4 with zeros (which add nothing). The input gradient needs no kernel of its own: for stride 1
-it is this same forward applied to dZ with the kernel flipped (conv2d.py derives it).
+it is this same forward applied to dZ with the kernel flipped (``conv2d_input_grad``;
+layers/conv2d.py derives it).
 
 The micro-kernel. Each task owns a block of 4 neighbouring output pixels of one output row.
 For every kernel offset (i, j) and every 4 input channels c..c+3 it loads the 16 input values
 ``x_pad[n, oh + i, q + p + j, c + k]`` (p, k = 0..3) into scalars, then sweeps the output
 channels o, where ``W[i, j, c + k, o]`` and ``y[n, oh, q + p, o]`` are contiguous:
 
-    for o in range(OC):                     # LLVM turns this loop into 16-wide vector code
+    for o in range(OC):                     # LLVM turns this loop into vector code
         y[.., q + p, o] += x_p0 * W[.., c, o] + x_p1 * W[.., c+1, o] + x_p2 * W[.., c+2, o] + x_p3 * W[.., c+3, o]
 
 Per 16 multiply-adds that is 4 loads of W (shared by the 4 pixels) and 4 loads and stores of y,
 where a one-pixel, one-channel loop would do 16 of each: the loads and stores, not the
 arithmetic, are what limits this loop, and the 4 x 4 block divides them by 4. The trip count
-must stay a run-time value: with a constant one LLVM unrolls the loop before vectorising it and
-then gives up on the aliasing of y and W (measured: scalar code, 13 GFLOP/s instead of 116).
+must stay a run-time value: with a constant one LLVM unrolls the loop before vectorising it,
+then gives up on the aliasing of y and W and leaves scalar code (docs/benchmarks.md, "Tried
+and not kept", has the measurements).
 
-Performance contract (measured on a 2-core AMD EPYC with AVX-512, batch 16, float32, see
-docs/benchmarks.md): 100-170 GFLOP/s on the U-Nets' layers in isolation, about the speed of
-im2col + GEMM there, with no memory beyond the padded copy of the input (scratch memory) and
-the output, against X_col's 9x. Winograd (cpu_winograd.py) is faster on every layer where
-either beats im2col + GEMM (docs/benchmarks.md, "Tried and not kept"), so ``conv_algorithm
-("auto")`` never picks this kernel: it is there for ``conv_algorithm("direct")``, for kernels
-other than 3x3, and as the plainest fast twin to learn from. Float sums: each output element is
-added up in a fixed order, (i, j, c) with c four at a time, independent of the thread count;
-the kernel gradient's partial sums are split over a fixed number of row bands
-(``partial_bands``), so results repeat run to run, and differ from the GEMM path's only in the
-last bits (tested).
+Contract. Memory: the padded copy of the input (scratch memory) and the output, no X_col.
+``conv_algorithm("auto")`` never picks this kernel (Winograd, cpu_winograd.py, measured faster
+wherever either beats im2col + GEMM: docs/benchmarks.md); it is there for
+``conv_algorithm("direct")``, for kernels other than 3x3, and as the plainest fast twin to learn
+from. Float sums: each output element is added up in a fixed order, (i, j, c) with c four at a
+time, independent of the thread count; the kernel gradient's partial sums are split over a fixed
+number of row bands (``partial_bands``), so results repeat run to run, and differ from the GEMM
+path's only in the last bits (tests/test_conv_algorithms.py).
 """
 from __future__ import annotations
 
@@ -48,6 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from minitensor import backend
+from minitensor.kernels.geometry import flip_kernel
 
 # 'contract' lets LLVM fuse a*b + c into one FMA instruction (one rounding instead of two);
 # no other fast-math freedom, so the order of every sum is the one written here.
@@ -86,8 +85,8 @@ def pad_input(x, pad_top, pad_left, rows, cols):
 
     The result is scratch memory (backend.scratch_array): valid until the next scratch request.
     That buffer grows to the largest padded input a model's layers need (84 MiB for unet's
-    570 px, 64-channel dx, against im2col's 8 MiB pieces) and is kept for reuse;
-    ``backend.release_scratch()`` frees it."""
+    570 px, 64-channel dx, against im2col's 8 MiB pieces) and is kept for reuse while the
+    process runs."""
     n_batch, _, _, channels = x.shape
     out = backend.scratch_array((n_batch, rows, cols, _round_up_to_4(channels)), x.dtype, x)
     _pad_kernel(np.ascontiguousarray(x), out, pad_top, pad_left)
@@ -237,24 +236,31 @@ def partial_bands(rows, partial_bytes):
     return int(max(1, min(MAX_BANDS, rows, BANDS_BYTES // partial_bytes)))
 
 
-def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False):
-    """Numba twin of ``reference.conv2d_forward``: y (N, out_h, out_w, OC), stride 1."""
+def conv2d_forward(x, kernel, bias, geometry, relu=False):
+    """Numba twin of ``reference.conv2d_forward`` for stride 1: y (N, out_h, out_w, OC)."""
     n_batch = x.shape[0]
     kernel_h, kernel_w, _, out_channels = kernel.shape
+    out_h, out_w = geometry.out_h, geometry.out_w
     kernel = pad_kernel_channels(kernel)
     if bias is None:
         bias = np.zeros(out_channels, dtype=x.dtype)
-    x_pad = pad_input(x, pad_top, pad_left, out_h + kernel_h - 1, out_w + kernel_w - 1)
+    x_pad = pad_input(x, geometry.pad_top, geometry.pad_left, out_h + kernel_h - 1, out_w + kernel_w - 1)
     y = np.empty((n_batch, out_h, out_w, out_channels), dtype=x.dtype)
     _forward_kernel(x_pad, kernel, np.ascontiguousarray(bias), y, bool(relu))
     return y
 
 
-def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left):
-    """Numba twin of ``reference.conv2d_kernel_grad``: dW (KH, KW, C, OC), stride 1."""
+def conv2d_input_grad(dz, kernel, x_shape, geometry):
+    """dx of a stride-1 convolution: this file's forward on dZ with the flipped kernel."""
+    return conv2d_forward(dz, flip_kernel(kernel, np), None, geometry.flipped(x_shape[1], x_shape[2]))
+
+
+def conv2d_kernel_grad(x, dz, geometry):
+    """Numba twin of ``reference.conv2d_kernel_grad`` for stride 1: dW (KH, KW, C, OC)."""
     n_batch, _, _, channels = x.shape
+    kernel_h, kernel_w = geometry.kernel_size
     _, out_h, out_w, out_channels = dz.shape
-    x_pad = pad_input(x, pad_top, pad_left, out_h + kernel_h - 1, out_w + kernel_w - 1)
+    x_pad = pad_input(x, geometry.pad_top, geometry.pad_left, out_h + kernel_h - 1, out_w + kernel_w - 1)
     bands = partial_bands(n_batch * out_h, kernel_h * kernel_w * x_pad.shape[3] * out_channels * x.dtype.itemsize)
     partial = np.zeros((bands, kernel_h, kernel_w, x_pad.shape[3], out_channels), dtype=x.dtype)
     _kernel_grad_kernel(x_pad, np.ascontiguousarray(dz), partial)

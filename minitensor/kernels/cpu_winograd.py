@@ -45,21 +45,19 @@ differ from the direct sum by a few units in the last place more than the GEMM p
 tests/test_conv_algorithms.py bounds the difference (relative to the largest output: 2e-6 in
 float32, 1e-13 in float64).
 
-Performance contract (2-core AMD EPYC with AVX-512, float32, docs/benchmarks.md): counted as
-direct-convolution flops, 140-260 GFLOP/s forward on small_unet's 3x3 layers at batch 16 and
-200-300 on unet's 140-570 px layers, inside whole training steps (``python -m bench --profile``),
-where im2col + GEMM gives 90-170; the machine's square-matrix GEMM peak is about 200. Memory:
-the padded input (scratch memory), the output, the transformed kernel (16 x C x OC, 1.8x the
-kernel) and per task two buffers of a few KiB; no 9x im2col matrix, no 4x transformed image.
-Tasks are independent rows of output tiles (``prange``), every output element is written by one
-task, and the kernel gradient's partial sums are split over row bands fixed by the shape (not
-the thread count): results repeat bit for bit.
+Contract. Memory: the padded input (scratch memory), the output, the transformed kernel
+(16 x C x OC, 1.8x the kernel) and per task two buffers of a few KiB; no 9x im2col matrix, no
+4x transformed image. Tasks are independent rows of output tiles (``prange``), every output
+element is written by one task, and the kernel gradient's partial sums are split over row bands
+fixed by the shape (not the thread count): results repeat bit for bit. Its speed against
+im2col + GEMM, layer shape by layer shape, is in docs/benchmarks.md ("Choosing the algorithm"),
+and kernels/conv_policy.py gives it the products where it measured faster.
 
 Vectorisation, which decides the speed: every inner loop runs over contiguous channels (c in
 the input transform, o in the products and the output transform) with a run-time trip count,
 inside the ``prange`` body, where numba tells LLVM that the arrays do not alias.
 ``_input_tiles`` is inlined there (``inline="always"``): compiled on its own, LLVM could not
-prove its buffers apart and left it scalar (the forward was 25-30% slower). The output tiles are
+prove its buffers apart and left it scalar (docs/benchmarks.md, "Tried and not kept"). The output tiles are
 written whole, with no bounds tests in the loop, for the same reason.
 """
 from __future__ import annotations
@@ -68,6 +66,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import pad_input, partial_bands
+from .geometry import flip_kernel
 
 _jit = njit(parallel=True, cache=True, fastmath={"contract"})
 
@@ -100,8 +99,8 @@ def untransform_kernel_grad(grad_u, in_channels):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def _input_tiles(x_pad, n, row, first, count, v, offset):
-    """v[e, offset + t, c] = (B^T d B)[e] for the 4x4 input tiles d at rows row..row+3, columns
+def _input_tiles(x_pad, n, row, first, count, v):
+    """v[e, t, c] = (B^T d B)[e] for the 4x4 input tiles d at rows row..row+3, columns
     2*(first + t)..+3 of image n, t < count. Vectorised over the contiguous channels c."""
     channels = x_pad.shape[3]
     for t in range(count):
@@ -125,23 +124,22 @@ def _input_tiles(x_pad, n, row, first, count, v, offset):
             f2 = x_pad[n, row + 1, col + 2, c] - x_pad[n, row + 3, col + 2, c]
             f3 = x_pad[n, row + 1, col + 3, c] - x_pad[n, row + 3, col + 3, c]
             # (B^T d) B: the same combination of the four columns of each row
-            tile = offset + t
-            v[0, tile, c] = a0 - a2
-            v[1, tile, c] = a1 + a2
-            v[2, tile, c] = a2 - a1
-            v[3, tile, c] = a1 - a3
-            v[4, tile, c] = b0 - b2
-            v[5, tile, c] = b1 + b2
-            v[6, tile, c] = b2 - b1
-            v[7, tile, c] = b1 - b3
-            v[8, tile, c] = e0 - e2
-            v[9, tile, c] = e1 + e2
-            v[10, tile, c] = e2 - e1
-            v[11, tile, c] = e1 - e3
-            v[12, tile, c] = f0 - f2
-            v[13, tile, c] = f1 + f2
-            v[14, tile, c] = f2 - f1
-            v[15, tile, c] = f1 - f3
+            v[0, t, c] = a0 - a2
+            v[1, t, c] = a1 + a2
+            v[2, t, c] = a2 - a1
+            v[3, t, c] = a1 - a3
+            v[4, t, c] = b0 - b2
+            v[5, t, c] = b1 + b2
+            v[6, t, c] = b2 - b1
+            v[7, t, c] = b1 - b3
+            v[8, t, c] = e0 - e2
+            v[9, t, c] = e1 + e2
+            v[10, t, c] = e2 - e1
+            v[11, t, c] = e1 - e3
+            v[12, t, c] = f0 - f2
+            v[13, t, c] = f1 + f2
+            v[14, t, c] = f2 - f1
+            v[15, t, c] = f1 - f3
 
 
 @_jit
@@ -165,7 +163,7 @@ def _forward_kernel(x_pad, u, bias, y, relu):
             if count < TILES_PER_TASK:          # a short last block: its unused tiles read zeros
                 v[:] = 0
             m[:] = 0
-            _input_tiles(x_pad, n, 2 * tile_row, first, count, v, 0)
+            _input_tiles(x_pad, n, 2 * tile_row, first, count, v)
             # M[e] = V[e] @ U[e]: 4 tiles x 4 channels at a time, vectorised over the contiguous o
             for e in range(16):
                 for c in range(0, channels, 4):
@@ -231,7 +229,7 @@ def _kernel_grad_kernel(x_pad, dz, partial):
                 if count < TILES_PER_TASK:      # a short last block: its unused tiles add zeros
                     v[:] = 0
                     dm[:] = 0
-                _input_tiles(x_pad, n, oh, first, count, v, 0)
+                _input_tiles(x_pad, n, oh, first, count, v)
                 for t in range(count):
                     ow = 2 * (first + t)
                     for o in range(out_channels):
@@ -275,10 +273,10 @@ def _padded(x, pad_top, pad_left, out_h, out_w):
     return pad_input(x, pad_top, pad_left, 2 * ((out_h + 1) // 2) + 2, 2 * ((out_w + 1) // 2) + 2)
 
 
-def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False):
-    """Winograd twin of ``reference.conv2d_forward`` for a 3x3 kernel: y (N, out_h, out_w, OC)."""
-    out_channels = kernel.shape[3]
-    x_pad = _padded(x, pad_top, pad_left, out_h, out_w)
+def conv2d_forward(x, kernel, bias, geometry, relu=False):
+    """Winograd twin of ``reference.conv2d_forward`` for a 3x3 kernel, stride 1: y (N, out_h, out_w, OC)."""
+    out_h, out_w, out_channels = geometry.out_h, geometry.out_w, kernel.shape[3]
+    x_pad = _padded(x, geometry.pad_top, geometry.pad_left, out_h, out_w)
     u = transform_kernel(kernel, x_pad.shape[3])
     if bias is None:
         bias = np.zeros(out_channels, dtype=x.dtype)
@@ -292,12 +290,16 @@ def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False)
     return y
 
 
-def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left):
-    """Winograd twin of ``reference.conv2d_kernel_grad`` for a 3x3 kernel (kernels.conv2d_kernel_grad
-    checks that): dW (3, 3, C, OC)."""
+def conv2d_input_grad(dz, kernel, x_shape, geometry):
+    """dx of a 3x3 stride-1 convolution: this file's forward on dZ with the flipped kernel."""
+    return conv2d_forward(dz, flip_kernel(kernel, np), None, geometry.flipped(x_shape[1], x_shape[2]))
+
+
+def conv2d_kernel_grad(x, dz, geometry):
+    """Winograd twin of ``reference.conv2d_kernel_grad`` for a 3x3 kernel, stride 1: dW (3, 3, C, OC)."""
     n_batch, _, _, channels = x.shape
     _, out_h, out_w, out_channels = dz.shape
-    x_pad = _padded(x, pad_top, pad_left, out_h, out_w)
+    x_pad = _padded(x, geometry.pad_top, geometry.pad_left, out_h, out_w)
     if out_h % 2 or out_w % 2:   # a zero row / column completes the last tiles (it adds nothing)
         dz = np.pad(dz, ((0, 0), (0, out_h % 2), (0, out_w % 2), (0, 0)))
     padded_channels = x_pad.shape[3]

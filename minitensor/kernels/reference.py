@@ -1,8 +1,12 @@
 """Reference kernels: plain array code that is obviously correct, to read and to test against.
 
 Convolution and pooling both look at small windows of the input. This module shows the
-one trick behind fast convolution, *im2col*, in its simplest form; ``cpu.py`` (numba) and
-``gpu.py`` (CUDA) compute exactly the same numbers faster and are tested against this file.
+one trick behind fast convolution, *im2col*, in its simplest form, and the convolution built on it
+(forward and both gradients, any stride, in three matrix products). The fast twins, ``cpu.py``
+(numba), ``gpu.py`` (CUDA) and the convolutions of ``conv_gemm.py``, ``cpu_winograd.py`` and
+``cpu_conv.py``, compute the same numbers faster and are tested against this file: copies and
+the max-pool's choices exactly, sums to rounding (their order of additions differs; each test
+states its tolerance). The op table (kernels/table.py) says which twin exists for each op.
 
 Layout (Keras): data is NHWC, (batch, height, width, channels); conv kernels are HWIO,
 (KH, KW, C, OC). A window of a KH x KW kernel with strides (SH, SW) and zero padding
@@ -124,35 +128,43 @@ def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     return _crop(dx_pad, x_shape, pad_top, pad_left)
 
 
-def conv2d_forward(x, kernel, bias, pad_top, pad_left, out_h, out_w, relu=False):
-    """A stride-1 convolution as one matrix product: relu?(im2col(x) @ W_col + b).
+def conv2d_forward(x, kernel, bias, geometry, relu=False):
+    """The convolution as one matrix product, any stride and padding: relu?(im2col(x) @ W_col + b).
 
-    x (N, H, W, C); kernel (KH, KW, C, OC) "HWIO"; bias (OC,) or None. Returns y
-    (N, out_h, out_w, OC) with y[n, oh, ow, o] = b[o] + sum_{i,j,c} x[n, oh+i-pad_top, ow+j-pad_left, c]
-    * kernel[i, j, c, o] (x = 0 outside the image), then max(., 0) if ``relu``. This is the
-    twin that ``cpu_winograd.conv2d_forward`` (Winograd) and ``cpu_conv.conv2d_forward`` (direct
-    convolution), neither of which builds im2col, are tested against.
+    x (N, H, W, C); kernel (KH, KW, C, OC) "HWIO"; bias (OC,) or None; geometry a
+    ``ConvGeometry``. Returns y (N, OH, OW, OC), y[n, oh, ow, o] = b[o] + sum_{i,j,c}
+    x[n, oh*SH + i - PT, ow*SW + j - PL, c] * kernel[i, j, c, o] (x = 0 outside the image),
+    then max(., 0) if ``relu``. HWIO flattened is W_col (KH*KW*C, OC), rows in im2col's column
+    order: no transpose of either operand.
     """
-    kernel_h, kernel_w, _, out_channels = kernel.shape
-    cols = im2col(x, kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)
-    y = cols @ kernel.reshape(-1, out_channels)
+    out_channels = kernel.shape[3]
+    cols = im2col(x, *geometry.window)                                 # X_col (N*OH*OW, KH*KW*C)
+    z = cols @ kernel.reshape(-1, out_channels)                        # Z = X_col @ W_col
     if bias is not None:
-        y += bias
+        z += bias
     if relu:
-        xp = get_array_module(y)
-        y = xp.maximum(y, 0, out=y)
-    return y.reshape(x.shape[0], out_h, out_w, out_channels)
+        z = get_array_module(z).maximum(z, 0, out=z)
+    return z.reshape(x.shape[0], geometry.out_h, geometry.out_w, out_channels)
 
 
-def conv2d_kernel_grad(x, dz, kernel_h, kernel_w, pad_top, pad_left):
-    """dW = im2col(x)^T @ dZ for a stride-1 convolution, shaped like the kernel (KH, KW, C, OC).
+def conv2d_kernel_grad(x, dz, geometry):
+    """dW = im2col(x)^T @ dZ, shaped like the kernel (KH, KW, C, OC).
 
-    dz (N, out_h, out_w, OC) is the gradient at the layer's pre-activation output; dW[i, j, c, o]
-    = sum_{n,oh,ow} x[n, oh+i-pad_top, ow+j-pad_left, c] * dz[n, oh, ow, o] (conv2d.py derives it).
+    dz (N, OH, OW, OC) is the gradient at the pre-activation output Z; dW[i, j, c, o] = sum_{n,oh,ow}
+    x[n, oh*SH + i - PT, ow*SW + j - PL, c] * dz[n, oh, ow, o] (layers/conv2d.py derives it).
     """
-    _, out_h, out_w, out_channels = dz.shape
-    cols = im2col(x, kernel_h, kernel_w, 1, 1, pad_top, pad_left, out_h, out_w)
-    return (cols.T @ dz.reshape(-1, out_channels)).reshape(kernel_h, kernel_w, x.shape[3], out_channels)
+    out_channels = dz.shape[3]
+    cols = im2col(x, *geometry.window)
+    return (cols.T @ dz.reshape(-1, out_channels)).reshape(geometry.kernel_h, geometry.kernel_w, x.shape[3],
+                                                          out_channels)
+
+
+def conv2d_input_grad(dz, kernel, x_shape, geometry):
+    """dx = col2im(dZ @ W_col^T), shape x_shape: every window's gradient added back onto the pixels
+    it was copied from (col2im is im2col's adjoint; layers/conv2d.py derives it)."""
+    out_channels = kernel.shape[3]
+    dcols = dz.reshape(-1, out_channels) @ kernel.reshape(-1, out_channels).T   # dX_col = dZ @ W_col^T
+    return col2im(dcols, tuple(x_shape), *geometry.window)
 
 
 def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
