@@ -1,5 +1,6 @@
 """unet.weights: the paper's border-weight map, its cache, and the weighted losses it feeds."""
 import os
+import pathlib
 
 import cv2 as cv
 import numpy as np
@@ -113,6 +114,22 @@ def test_batch_of_one_hot_masks():
 
 # ----- the cache --------------------------------------------------------------------------------
 
+def test_weight_maps_are_the_same_bits_every_time_and_exact_distances():
+    """OpenCV's precise distance transform varies by ~1e-6 from call to call; the maps must not (a
+    resumed run recomputes them). Distances between pixel centres are square roots of integers."""
+    from unet.shapes import make_sample
+
+    for index in range(6):
+        mask = make_sample(22, index, 64)[1]
+        first = weights.weight_map(mask)
+        assert all(np.array_equal(first, weights.weight_map(mask)) for _ in range(5)), index
+    outside = np.ones((9, 9), np.uint8)
+    outside[4, 4] = 0
+    rows, cols = np.indices(outside.shape)
+    np.testing.assert_array_equal(weights.exact_distances(outside),
+                                  np.sqrt((rows - 4) ** 2 + (cols - 4) ** 2).astype(np.float32))
+
+
 @pytest.fixture
 def mask_files(tmp_path):
     folder = tmp_path / "train_mask"
@@ -129,39 +146,54 @@ def count_computations(monkeypatch):
     return calls
 
 
-def test_cache_is_written_once_and_reused(mask_files, monkeypatch):
+def test_cache_is_written_once_and_reused(mask_files, tmp_path, monkeypatch):
     calls = count_computations(monkeypatch)
-    first = weights.batch_weights([0, 1], mask_files)
-    cache = mask_files.parent / "train_weight" / "0.npz"
+    before = sorted(p.name for p in mask_files.iterdir())
+    first = weights.batch_weights([0, 1], mask_files, tmp_path / "cache")
+    cache = pathlib.Path(weights.weight_cache_path(mask_files / "0.png", tmp_path / "cache"))
     assert cache.exists() and len(calls) == 2
+    assert cache.parent.parent == tmp_path / "cache" and cache.parent.name.startswith(mask_files.name + "-")
+    assert sorted(p.name for p in mask_files.iterdir()) == before     # nothing written into the data
+    assert not (mask_files.parent / "train_weight").exists()
     written = cache.stat().st_mtime_ns
-    second = weights.batch_weights([0, 1], mask_files)
+    second = weights.batch_weights([0, 1], mask_files, tmp_path / "cache")
     assert len(calls) == 2 and cache.stat().st_mtime_ns == written
     np.testing.assert_array_equal(first, second)
     assert first.shape == (2, 40, 40) and first.dtype == np.float32
     np.testing.assert_array_equal(first[1], weights.weight_map(two_squares(5)))
 
 
-def test_cache_recomputes_when_mask_or_parameters_change(mask_files, monkeypatch):
+def test_cache_recomputes_when_mask_or_parameters_change(mask_files, tmp_path, monkeypatch):
     mask_path = mask_files / "0.png"
-    weights.cached_weight_map(mask_path)
+    weights.cached_weight_map(mask_path, tmp_path)
     calls = count_computations(monkeypatch)
     cv.imwrite(str(mask_path), two_squares(3))
     os.utime(mask_path, ns=(1, os.stat(mask_path).st_mtime_ns + 10**9))
-    np.testing.assert_array_equal(weights.cached_weight_map(mask_path), weights.weight_map(two_squares(3)))
+    np.testing.assert_array_equal(weights.cached_weight_map(mask_path, tmp_path), weights.weight_map(two_squares(3)))
     assert len(calls) == 2   # the cached one, and the reference just above
-    weights.cached_weight_map(mask_path, sigma=3.0)
+    weights.cached_weight_map(mask_path, tmp_path, sigma=3.0)
     assert len(calls) == 3
-    weights.cached_weight_map(mask_path, sigma=3.0)
+    weights.cached_weight_map(mask_path, tmp_path, sigma=3.0)
     assert len(calls) == 3
 
 
-def test_a_damaged_cache_file_is_recomputed(mask_files):
-    expected = weights.cached_weight_map(mask_files / "1.png")
-    cache = weights.weight_cache_path(mask_files / "1.png")
+def test_a_damaged_cache_file_is_recomputed(mask_files, tmp_path):
+    expected = weights.cached_weight_map(mask_files / "1.png", tmp_path)
+    cache = weights.weight_cache_path(mask_files / "1.png", tmp_path)
     with open(cache, "wb") as f:
         f.write(b"not a zip")
-    np.testing.assert_array_equal(weights.cached_weight_map(mask_files / "1.png"), expected)
+    np.testing.assert_array_equal(weights.cached_weight_map(mask_files / "1.png", tmp_path), expected)
+
+
+def test_two_mask_folders_of_one_name_get_their_own_cache_files(tmp_path):
+    paths = []
+    for root, squares in (("a", 2), ("b", 3)):
+        (tmp_path / root / "train_mask").mkdir(parents=True)
+        cv.imwrite(str(tmp_path / root / "train_mask" / "0.png"), two_squares(squares))
+        paths.append(tmp_path / root / "train_mask" / "0.png")
+    assert weights.weight_cache_path(paths[0], tmp_path / "c") != weights.weight_cache_path(paths[1], tmp_path / "c")
+    for path, squares in zip(paths, (2, 3)):
+        np.testing.assert_array_equal(weights.cached_weight_map(path, tmp_path / "c"), weights.weight_map(two_squares(squares)))
 
 
 # ----- the weighted losses: float64 central differences and live TensorFlow --------------------

@@ -29,11 +29,13 @@ Our choices, where the paper leaves them open:
   would mostly weight the object's own rim; the paper's figure 3d shows the weight in the gaps.
 * With fewer than two objects there is no gap, and the border term is 0.
 
-Weight maps depend only on the mask, so they are computed once and cached beside it:
-``ROOT/train_mask/7.png`` -> ``ROOT/train_weight/7.npz`` (see ``cached_weight_map``).
+Weight maps depend only on the mask, so they are computed once and cached in a folder of the
+caller's (train.py: the run's weights folder, never the user's data set):
+``ROOT/train_mask/7.png`` -> ``CACHE/train_mask-<hash of ROOT/train_mask>/7.npz`` (see ``cached_weight_map``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -47,7 +49,7 @@ from .data import NUM_CLASSES, load_mask
 
 W0 = 10.0
 SIGMA = 5.0
-CACHE_FORMAT = 1   # bump when the computation changes, to invalidate every cached map
+CACHE_FORMAT = 2   # bump when the computation changes, to invalidate every cached map
 
 
 def class_balance_weights(mask, num_classes=NUM_CLASSES):
@@ -94,6 +96,20 @@ def object_labels(mask):
     return labels, count
 
 
+def exact_distances(outside):
+    """Euclidean distance (H, W) float32 from every pixel to the nearest 0 pixel of ``outside``.
+
+    Between pixel centres a squared distance is an integer, so the distance is sqrt(integer).
+    OpenCV's precise transform (DIST_MASK_PRECISE) finds it up to float noise of ~1e-6, and that
+    noise differs from call to call (OpenCV 5.0: 50 of 50 repeated calls on one 32x32 mask
+    differed somewhere), which made the weight maps, and a resumed run that recomputed them, not
+    repeatable. Rounding the square to its integer (an error of 2 d 1e-6 is far below 0.5 for any
+    image size here) gives the exact distance, the same bits every time.
+    """
+    distance = cv.distanceTransform(outside, cv.DIST_L2, cv.DIST_MASK_PRECISE).astype(np.float64)
+    return np.sqrt(np.rint(distance * distance)).astype(np.float32)
+
+
 def two_nearest_distances(labels, count):
     """d1, d2 (H, W) float32: per pixel, the distances to the nearest and second-nearest object.
 
@@ -104,7 +120,7 @@ def two_nearest_distances(labels, count):
     d2 = np.full(labels.shape, np.inf, np.float32)
     for k in range(1, count + 1):
         outside = (labels != k).astype(np.uint8)
-        distance = cv.distanceTransform(outside, cv.DIST_L2, cv.DIST_MASK_PRECISE)
+        distance = exact_distances(outside)
         d2 = np.minimum(d2, np.maximum(d1, distance))
         d1 = np.minimum(d1, distance)
     return d1, d2
@@ -150,15 +166,15 @@ def weight_maps(masks, w0=W0, sigma=SIGMA, class_weights=None):
     return np.stack([weight_map(label, num_classes, w0, sigma, class_weights) for label in labels])
 
 
-# ----- the cache beside the masks ---------------------------------------------------------------
+# ----- the cache, outside the data set ----------------------------------------------------------
 
-def weight_cache_path(mask_path):
-    """Where the map of a mask is cached: ``ROOT/train_mask/7.png`` -> ``ROOT/train_weight/7.npz``
-    (any other folder ``F`` -> ``F_weight``)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(mask_path)))
-    parent, base = os.path.split(folder)
-    base = base[:-len("_mask")] if base.endswith("_mask") else base
-    return os.path.join(parent, f"{base}_weight", os.path.splitext(name)[0] + ".npz")
+def weight_cache_path(mask_path, cache_dir):
+    """Where the map of a mask is cached: ``ROOT/train_mask/7.png`` -> ``CACHE/train_mask-<hash>/7.npz``,
+    the hash that of the mask folder's resolved path, so two data sets never share a file."""
+    folder, name = os.path.split(os.path.realpath(os.fspath(mask_path)))
+    digest = hashlib.sha1(folder.encode()).hexdigest()[:10]
+    return os.path.join(os.fspath(cache_dir), f"{os.path.basename(folder)}-{digest}",
+                        os.path.splitext(name)[0] + ".npz")
 
 
 def _cache_key(mask_path, num_classes, w0, sigma, class_weights):
@@ -168,7 +184,7 @@ def _cache_key(mask_path, num_classes, w0, sigma, class_weights):
     return json.dumps({
         "format": CACHE_FORMAT, "num_classes": int(num_classes), "w0": float(w0), "sigma": float(sigma),
         "class_weights": None if class_weights is None else [float(w) for w in class_weights],
-        "mask_mtime_ns": stat.st_mtime_ns, "mask_size": stat.st_size,
+        "mask": os.path.realpath(mask_path), "mask_mtime_ns": stat.st_mtime_ns, "mask_size": stat.st_size,
     }, sort_keys=True)
 
 
@@ -183,7 +199,7 @@ def _read_cache(path, key):
     return None
 
 
-def cached_weight_map(mask_path, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+def cached_weight_map(mask_path, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
     """``weight_map`` of the mask file ``mask_path``, read from its cache file when that is current.
 
     The cache (``weight_cache_path``) stores the map and the key it was made with; a different
@@ -192,7 +208,7 @@ def cached_weight_map(mask_path, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, cl
     """
     mask_path = os.fspath(mask_path)
     key = _cache_key(mask_path, num_classes, w0, sigma, class_weights)
-    path = weight_cache_path(mask_path)
+    path = weight_cache_path(mask_path, cache_dir)
     weights = _read_cache(path, key)
     if weights is None:
         weights = weight_map(load_mask(mask_path, num_classes), num_classes, w0, sigma, class_weights)
@@ -200,7 +216,7 @@ def cached_weight_map(mask_path, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, cl
     return weights
 
 
-def batch_weights(ids, masks_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+def batch_weights(ids, masks_dir, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
     """Cached weight maps (N, H, W) float32 of the masks ``masks_dir/{id}.png``, for ``sample_weight``."""
-    return np.stack([cached_weight_map(os.path.join(os.fspath(masks_dir), f"{index}.png"), num_classes, w0, sigma,
-                                       class_weights) for index in ids])
+    return np.stack([cached_weight_map(os.path.join(os.fspath(masks_dir), f"{index}.png"), cache_dir, num_classes,
+                                       w0, sigma, class_weights) for index in ids])
