@@ -57,3 +57,16 @@ def rel_error(actual, expected):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     scale = max(np.max(np.abs(expected), initial=0.0), 1e-30)
     return float(np.max(np.abs(actual - expected), initial=0.0) / scale)
+@pytest.fixture
+def fast_kernels():
+    """numba / CUDA and the 'auto' convolution choice for one test, whatever MINITENSOR_KERNELS /
+    MINITENSOR_CONV say (a whole suite may be run in learning mode, MINITENSOR_KERNELS=reference)."""
+    from minitensor import kernels
+
+    previous = kernels.using_reference()
+    kernels.use_reference(False)
+    with kernels.conv_algorithm("auto"):
+        yield
+    kernels.use_reference(previous)
+
+

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import rel_error
 
-from minitensor import layers
+from minitensor import kernels, layers
 from minitensor.gradcheck import check_layer
 
 F64 = "float64"
@@ -31,6 +31,18 @@ POOL_CASES = [
 ]
 
 
+#: The ways a Conv2D's products can run: each CPU algorithm, and learning mode (reference.py's
+#: im2col -> GEMM -> col2im). These small cases keep im2col + GEMM under 'auto'.
+CONV_PATHS = ["gemm", "winograd", "direct", "learning mode"]
+
+
+@pytest.fixture(params=CONV_PATHS)
+def conv_path(request, fast_kernels):
+    """Run the test with Conv2D's products on one path (kernels.set_conv_algorithm or learning mode)."""
+    with kernels.reference_kernels() if request.param == "learning mode" else kernels.conv_algorithm(request.param):
+        yield request.param
+
+
 def conv_case_id(case):
     n, h, w, c, f, k, s, p, a, b = case
     return f"n{n}-{h}x{w}x{c}-f{f}-k{k}-s{s}-{p}-{a}-{'bias' if b else 'nobias'}"
@@ -45,7 +57,7 @@ def tie_free(rng, shape):
 # ----- gradient checks (float64) ----------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
-def test_conv2d_gradcheck(case):
+def test_conv2d_gradcheck(case, conv_path):
     n, h, w, c, filters, kernel, stride, padding, activation, use_bias = case
     rng = np.random.default_rng(0)
     layer = layers.Conv2D(filters, kernel, stride, padding, activation=activation, use_bias=use_bias, dtype=F64,
@@ -55,7 +67,7 @@ def test_conv2d_gradcheck(case):
         layer.set_weights([layer.params[0], rng.standard_normal(filters) * 0.1])
     result = check_layer(layer, rng.standard_normal((n, h, w, c)), seed=2)
     assert result.passed, result.report()
-    assert set(result.errors) == {"x", "kernel", "bias"} if use_bias else {"x", "kernel"}
+    assert set(result.errors) == ({"x", "kernel", "bias"} if use_bias else {"x", "kernel"})
 
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=str)
@@ -148,7 +160,7 @@ def test_conv2d_equals_its_plain_loops(stride, padding, kernel):
     z = layer.forward(x)
     dz = rng.standard_normal(z.shape)
     dx = layer.backward(dz)
-    out_h, out_w, pad_top, pad_left = layer._geometry(5, 6)
+    _, _, _, _, pad_top, pad_left, out_h, out_w = layer._geometry(5, 6).window
     kernel_w, bias = layer.params
     np.testing.assert_allclose(z, naive.conv2d_forward(x, kernel_w, bias, stride, pad_top, pad_left, out_h, out_w),
                                rtol=1e-12, atol=1e-12)
@@ -158,7 +170,7 @@ def test_conv2d_equals_its_plain_loops(stride, padding, kernel):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
-def test_conv2d_matches_tensorflow(tf, keras, case, dtype):
+def test_conv2d_matches_tensorflow(tf, keras, case, dtype, conv_path):
     n, h, w, c, filters, kernel, stride, padding, activation, use_bias = case
     rng = np.random.default_rng(1)
     ours = layers.Conv2D(filters, kernel, stride, padding, activation=activation, use_bias=use_bias, dtype=dtype,
@@ -354,16 +366,16 @@ def test_conv2d_gpu_matches_cpu(case):
 
 @pytest.mark.parametrize("piece_bytes", [1, 700, 3000])   # one output row per piece, bands, several images
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
-def test_conv2d_in_cache_sized_pieces_matches_one_piece(monkeypatch, case, piece_bytes):
-    """X_col built band by band (CPU) gives the same y, dx, dW, db as X_col built whole."""
-    from minitensor.layers import conv2d
+def test_conv2d_in_cache_sized_pieces_matches_one_piece(monkeypatch, case, piece_bytes, fast_kernels):
+    """X_col built band by band (CPU, kernels/conv_gemm.py) gives the same y, dx, dW, db as X_col built whole."""
+    from minitensor.kernels import conv_gemm
 
     n, h, w, c, filters, kernel, stride, padding, activation, use_bias = case
     rng = np.random.default_rng(9)
     x = rng.standard_normal((n, h, w, c))
     results = []
     for budget in (1 << 40, piece_bytes):
-        monkeypatch.setattr(conv2d, "CPU_PIECE_BYTES", budget)
+        monkeypatch.setattr(conv_gemm, "CPU_PIECE_BYTES", budget)
         layer = layers.Conv2D(filters, kernel, stride, padding, activation=activation, use_bias=use_bias, dtype=F64,
                               seed=5)
         y = layer.forward(x)

@@ -3,7 +3,9 @@
 Each public function has the signature and semantics of its twin in ``reference.py``
 (see docs/CONTRACTS.md), takes CuPy arrays and returns a new C-contiguous CuPy array.
 
-How it works: the CUDA source of all six kernels lives below as strings. The first call
+How it works: the CUDA source of every kernel in ``_KERNELS`` (one per op whose CUDA column in
+the op table, kernels/table.py, is this file; tests/test_cuda_as_cpp.py checks that the two
+agree) lives below as strings. The first call
 for a dtype compiles them into one ``cupy.RawModule`` (CuPy also caches the binary on
 disk), once for ``float`` and once for ``double``: the source is the same, preceded by
 ``typedef float scalar_t;`` or ``typedef double scalar_t;``. CuPy itself is never
