@@ -12,37 +12,52 @@ the model if val_loss improved (UNet_weight/ep...-loss...-val_loss....npz); halv
 rate after 3 epochs without improvement; stop after 10; then write the test set's predictions
 as colored masks into UNet_test_result/ and report IoU and Dice.
 
-Ctrl-C stops after the current batch and saves a resumable checkpoint (UNet_weight/last.npz:
-weights, Adam's moments, epoch and batch, callback state, the shuffling generator) atomically;
-a second Ctrl-C stops at once and keeps the previous checkpoint. A checkpoint is also written
-after every epoch and every few minutes within one (--checkpoint-minutes), so ``kill -9`` loses
-little; ``--resume`` ends where an uninterrupted run would (unet/trainer.py says how).
+Ctrl-C, SIGTERM (kill, timeout, a scheduler), SIGHUP (a closed terminal) and a closed output
+pipe stop after the current batch and save a resumable checkpoint (UNet_weight/last.npz: weights,
+Adam's moments, epoch and batch, callback state, the shuffling generator) atomically; a second
+signal stops at once and keeps the previous checkpoint. A checkpoint is also written after every
+epoch and every few minutes within one (--checkpoint-minutes), so ``kill -9`` loses little;
+``--resume`` ends where an uninterrupted run would (unet/trainer.py says how). The test set is
+predicted with the weights of the epoch with the lowest val_loss (UNet_weight/best.npz), unless
+``--predict-with last``.
+
+One run per folder: a second train.py on the same --weights-dir or --results-dir is refused while
+the first runs, and a folder that holds an earlier run is never written over: continue it with
+--resume, or pass --start-over to delete it and begin again.
 
 Exit status: 0 done (or stopped by --max-minutes, with predictions), 1 training diverged, 2 a
-setting, file or folder that cannot be used (the message names it and the fix), 130 interrupted.
+setting, file or folder that cannot be used (the message names it and the fix), 130 Ctrl-C, 143
+SIGTERM, 129 SIGHUP, 141 a closed output pipe (128 + the signal's number, as a shell reports it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
 
 import minitensor  # before NumPy: minitensor/cpu_runtime.py sets what OpenBLAS reads at load
 import numpy as np
 from minitensor import backend, losses
+from minitensor.checkpoint import read_checkpoint
 from minitensor.files import ModelFileError
 from minitensor.optimizers import Adam
 from unet import small_unet, unet
 from unet.augment import Augmenter
 from unet.batches import BatchLoader
 from unet.data import NUM_CLASSES, DatasetError, check_dataset, dataset_dirs, split_ids
+from unet.folders import FolderLock, OutputFolderError, check_apart, check_writable_folder, run_files, test_mask_files
 from unet.models import valid_unet_sizes
-from unet.report import OutputFolderError, check_writable_folder, write_results
+from unet.report import write_results
 from unet.shapes import ensure_dataset
+from unet.stopping import Interrupted, signals_interrupt
 from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError
 from unet.weights import dataset_class_weights
 
 DEFAULT_LR = 1e-3
+MIN_IMAGE_SIZE = 16    # the smallest image the generator draws shapes into and small_unet pools 4 times
 
 LOSSES = {
     # What Keras 3 really trains for the seed's compile(loss=BinaryCrossentropy()) on a softmax
@@ -107,6 +122,12 @@ def parse_args(argv=None):
     parser.add_argument("--weights-dir", default="UNet_weight")
     parser.add_argument("--results-dir", default="UNet_test_result")
     parser.add_argument("--resume", action="store_true", help=f"continue from WEIGHTS_DIR/{RESUME_FILE}")
+    parser.add_argument("--start-over", action="store_true",
+                        help="delete the checkpoints and results an earlier run left in WEIGHTS_DIR and RESULTS_DIR "
+                             "and train afresh (without it, such folders are refused)")
+    parser.add_argument("--predict-with", default="best", choices=("best", "last"),
+                        help="the test set's weights: those of the epoch with the lowest val_loss "
+                             "(WEIGHTS_DIR/best.npz, as Keras's restore_best_weights), or the last epoch's")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0,
                         help=f"also save WEIGHTS_DIR/{RESUME_FILE} within an epoch this often (0: after every "
                              "batch), so a killed run loses at most this much")
@@ -118,7 +139,7 @@ def parse_args(argv=None):
                              "the training is the same)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "num_images", "image_size", "num_val"):
+    for name in ("epochs", "batch_size", "num_images", "num_val"):
         if getattr(args, name) < 1:
             hint = " (the callbacks watch val_loss)" if name == "num_val" else ""
             parser.error(f"--{name.replace('_', '-')} must be at least 1{hint}")
@@ -127,10 +148,18 @@ def parse_args(argv=None):
     if args.num_images - args.num_val - args.num_test < 1:
         parser.error(f"--num-images {args.num_images} leaves no training image after --num-val {args.num_val} "
                      f"and --num-test {args.num_test}; lower those or raise --num-images")
+    if args.image_size < MIN_IMAGE_SIZE or (args.model == "small" and args.image_size % 16):
+        nearest = max(MIN_IMAGE_SIZE, 16 * round(args.image_size / 16))
+        parser.error(f"--image-size {args.image_size}: " + (
+            f"small_unet's four 2x max-pools need a multiple of 16, e.g. {nearest}" if args.model == "small"
+            else f"must be at least {MIN_IMAGE_SIZE} px"))
     for name in ("lr", "checkpoint_minutes", "max_minutes"):
         value = getattr(args, name)
-        if value is not None and (value < 0 or (name == "lr" and value == 0)):
-            parser.error(f"--{name.replace('_', '-')} must be {'positive' if name == 'lr' else '0 or more'}")
+        if value is not None and not (math.isfinite(value) and (value > 0 if name == "lr" else value >= 0)):
+            parser.error(f"--{name.replace('_', '-')} {value:g}: must be "
+                         f"{'a positive number' if name == 'lr' else '0 or more'}")
+    if args.resume and args.start_over:
+        parser.error("--resume continues the run in --weights-dir, --start-over deletes it: pass one of them")
     return args
 
 
@@ -166,17 +195,62 @@ def run_fingerprint(args):
     return {key: getattr(args, key) for key in keys}
 
 
-def prepare(args, log=print):
-    """Data set, loaders, model and trainer (restored with --resume), or a UsageError that says why not."""
+def describe_run(weights_dir, files):
+    """A few words on the earlier run whose ``files`` these are, for the message that refuses it."""
+    resume_path = os.path.join(weights_dir, RESUME_FILE)
+    words = []
+    if resume_path in files:
+        try:
+            epochs = read_checkpoint(resume_path).extra.get("epoch")
+            words.append(f"{RESUME_FILE} after {epochs} finished epoch{'s' if epochs != 1 else ''}")
+        except ModelFileError:
+            words.append(f"{RESUME_FILE}, unreadable")
+    others = [os.path.basename(path) for path in files if path != resume_path]
+    if others:
+        words.append(", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else ""))
+    return "; ".join(words)
+
+
+def claim_output_folders(args, stack, test_ids, log=print):
+    """Check the output folders, lock them for this run (released when ``stack`` closes) and make
+    sure that nothing of an earlier run is written over: refuse, unless --resume or --start-over."""
+    outputs = {"--weights-dir": args.weights_dir, "--results-dir": args.results_dir}
+    check_apart(outputs, args.data)
+    for flag, folder in outputs.items():
+        check_writable_folder(folder, flag)
+    locked = set()
+    for flag, folder in outputs.items():
+        if os.path.realpath(folder) not in locked:
+            stack.callback(FolderLock(folder, flag).acquire().release)
+            locked.add(os.path.realpath(folder))
+    if args.resume:
+        return
+    files = run_files(args.weights_dir, args.results_dir)
+    if files and not args.start_over:
+        raise UsageError(f"--weights-dir {args.weights_dir} / --results-dir {args.results_dir} hold an earlier "
+                         f"run ({describe_run(args.weights_dir, files)}), which this run would write over. "
+                         f"Continue it with --resume (and its settings), give this run another --weights-dir and "
+                         f"--results-dir, or pass --start-over to delete that run and begin again")
+    if args.start_over:
+        files += test_mask_files(args.results_dir, test_ids)
+        for path in files:
+            os.remove(path)
+        if files:
+            log(f"--start-over: deleted the earlier run's {len(files)} files in {args.weights_dir} and "
+                f"{args.results_dir}")
+
+
+def prepare(args, stack, log=print):
+    """Output folders, data set, loaders, model and trainer (restored with --resume), or a
+    UsageError / OutputFolderError that says why not. The folders' locks are released by ``stack``."""
+    train_ids, val_ids, test_ids = split_ids(args.num_images, args.num_test, args.num_val)
+    claim_output_folders(args, stack, test_ids, log)
     try:
         ensure_dataset(args.data, args.num_images, args.image_size, args.num_test, seed=args.seed, log=log)
         check_dataset(args.data, args.num_images, args.num_test, NUM_CLASSES, args.image_size)
     except (DatasetError, ValueError, OSError) as error:
         raise UsageError(f"the data set in {args.data} cannot be used:\n{error}") from None
-    check_writable_folder(args.weights_dir, "--weights-dir")
-    check_writable_folder(args.results_dir, "--results-dir")
     dirs = dataset_dirs(args.data)
-    train_ids, val_ids, test_ids = split_ids(args.num_images, args.num_test, args.num_val)
     train_loader = BatchLoader(train_ids, dirs.train_images, dirs.train_masks, args.batch_size, seed=args.seed)
     val_loader = BatchLoader(val_ids, dirs.train_images, dirs.train_masks, args.batch_size, shuffle=False)
     model = build_model(args, args.image_size)
@@ -199,6 +273,24 @@ def prepare(args, log=print):
     return trainer, list(test_ids), dirs
 
 
+def prediction_weights(trainer, predict_with, log=print):
+    """Put the weights the test set is predicted with into the model; returns what metrics.json records."""
+    last = {"file": trainer.resume_path, "epoch": trainer.state.epoch}
+    if predict_with == "last":
+        log(f"predicting the test set with the last epoch's weights (epoch {trainer.state.epoch}, --predict-with "
+            f"last)")
+        return last
+    best = trainer.load_best_weights()
+    if best is None:
+        log(f"predicting the test set with the last epoch's weights: {trainer.best_path} is missing (a checkpoint "
+            f"from before it was kept)")
+        return last
+    log(f"predicting the test set with {trainer.best_path}: the weights of epoch {best['epoch']}, whose val_loss "
+        f"{best['val_loss']:.4f} is the lowest; the last epoch's ({trainer.state.epoch}) are in {trainer.resume_path} "
+        f"(--predict-with last uses them)")
+    return {"file": trainer.best_path, **best}
+
+
 def main(argv=None, on_batch_end=None):
     args = parse_args(argv)
     try:
@@ -207,28 +299,38 @@ def main(argv=None, on_batch_end=None):
         print(f"error: --device {args.device}: {error}", file=sys.stderr)
         return 2
     fallback = args.device == "auto" and device == "cpu"
-    print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
     try:
-        trainer, test_ids, dirs = prepare(args)
-        trainer.model.to(device)
-        trainer.on_batch_end = on_batch_end
-        if not trainer.fit():
-            return 130
-        write_results(trainer.model, trainer.state.history, test_ids, dirs, args.results_dir, args.batch_size,
-                      args.tta)
+        with contextlib.ExitStack() as stack, signals_interrupt():
+            print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
+            trainer, test_ids, dirs = prepare(args, stack)
+            trainer.model.to(device)
+            trainer.on_batch_end = on_batch_end
+            if not trainer.fit():
+                return trainer.stop.exit_status
+            weights = prediction_weights(trainer, args.predict_with)
+            write_results(trainer.model, trainer.state.history, test_ids, dirs, args.results_dir, args.batch_size,
+                          args.tta, weights=weights)
     except (UsageError, OutputFolderError, CheckpointError, ModelFileError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:          # train.py | head: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as error:
-        print(f"error: {error.filename or ''}: {error.strerror or error}; check that the disk has room and the "
-              f"folder is writable, then continue with --resume", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; check that the disk has room and the folder is writable, "
+              f"then continue with --resume", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"stopped; the last checkpoint is {os.path.join(args.weights_dir, RESUME_FILE)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:           # a second stop signal, or one outside training
+        resume_path = os.path.join(args.weights_dir, RESUME_FILE)
+        kept = f"the last checkpoint is {resume_path}" if os.path.exists(resume_path) else "no checkpoint was written"
+        with contextlib.suppress(OSError):
+            print(f"stopped ({error.args[0] if isinstance(error, Interrupted) else 'Ctrl-C'}); {kept}",
+                  file=sys.stderr)
+        return error.exit_status if isinstance(error, Interrupted) else 130
     return 0
 
 

@@ -235,7 +235,7 @@ def test_sigkill_then_resume(each_variant, mode, when, extra, capsys):
     assert run(base, name, *flags, "--resume", *extra) == 0
     out = capsys.readouterr().out
     if mode == "save":
-        assert f"removed {left[0]}, a partial checkpoint left by an interrupted save" in out
+        assert f"removed {left[0]}, a partial file left by an interrupted save" in out
         assert "resumed from" in out and "epoch 1, batch 2" in out
     elif extra:
         assert "epoch 2, batch 1" in out                 # the checkpoint of batch 5 (the kill came before 6's)

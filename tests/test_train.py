@@ -142,10 +142,12 @@ def test_bad_arguments_are_refused():
         train.parse_args(["--device", "tpu"])
 
 
-def test_weighted_loss_uses_cached_border_maps_beside_the_masks(tmp_path):
+def test_weighted_loss_caches_border_maps_in_the_weights_folder_not_the_data(tmp_path):
     assert run(tmp_path, "weighted", "--epochs", "1", "--loss", "weighted", "--augment", "elastic") == 0
-    cached = sorted(p.name for p in (tmp_path / "shape" / "train_weight").glob("*.npz"))
+    cached = sorted(p.name for p in (tmp_path / "weighted" / "UNet_weight" / "border_weights").glob("*/*.npz"))
     assert len(cached) == 20          # 16 training + 4 validation masks, each computed once
+    assert sorted(p.name for p in (tmp_path / "shape").iterdir()) == ["shapes.json", "test_imgs", "test_mask",
+                                                                       "train_imgs", "train_mask"]
 
 
 @pytest.mark.parametrize("choice", ["dataset", "none"])

@@ -11,7 +11,7 @@ import pytest
 import train
 from minitensor import Model, set_seed
 from minitensor.files import read_npz
-from unet import report, shapes, small_unet
+from unet import folders, report, shapes, small_unet
 from unet.tiling import fit_to_model, mirror
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,13 +81,13 @@ def test_output_folders_are_checked_before_any_training(tmp_path, shape_data, ca
     blocker.write_text("the user's file")
     folder = {"a file": blocker, "under a file": blocker / "sub", "unwritable": tmp_path / "locked"}[kind]
     if kind == "unwritable":           # root ignores permission bits, so the refusal is simulated
-        real = report.tempfile.TemporaryFile
+        real = folders.tempfile.TemporaryFile
 
         def refuse(dir=None, **kwargs):
             if os.path.abspath(dir) == str(folder):
                 raise PermissionError(13, "Permission denied")
             return real(dir=dir, **kwargs)
-        monkeypatch.setattr(report.tempfile, "TemporaryFile", refuse)
+        monkeypatch.setattr(folders.tempfile, "TemporaryFile", refuse)
     monkeypatch.setattr(Model, "train_step", lambda *a, **k: pytest.fail("training started"))
     assert run(tmp_path, shape_data, "--epochs", "1", flag, str(folder)) == 2
     err = capsys.readouterr().err
@@ -103,8 +103,17 @@ def test_output_folders_are_checked_before_any_training(tmp_path, shape_data, ca
     (["--num-val", "0"], "--num-val must be at least 1 (the callbacks watch val_loss)"),
     (["--num-images", "10", "--num-val", "5", "--num-test", "5"], "leaves no training image"),
     (["--num-test", "-1"], "--num-test must be 0 or more"),
-    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must be 0 or more"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes -1: must be 0 or more"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes nan: must be 0 or more"),
+    (["--max-minutes", "nan"], "--max-minutes nan: must be 0 or more"),
+    (["--lr", "0"], "--lr 0: must be a positive number"),
+    (["--lr", "-1"], "--lr -1: must be a positive number"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lr", "inf"], "--lr inf: must be a positive number"),
+    (["--image-size", "50"], "--image-size 50: small_unet's four 2x max-pools need a multiple of 16, e.g. 48"),
+    (["--image-size", "1"], "--image-size 1: small_unet's four 2x max-pools need a multiple of 16, e.g. 16"),
+    (["--model", "original", "--image-size", "8"], "--image-size 8: must be at least 16 px"),
+    (["--resume", "--start-over"], "pass one of them"),
 ])
 def test_impossible_settings_are_refused_with_status_2(flags, message, capsys):
     with pytest.raises(SystemExit) as caught:

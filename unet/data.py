@@ -29,6 +29,8 @@ from typing import NamedTuple
 import cv2 as cv
 import numpy as np
 
+from minitensor.files import atomic_write_bytes
+
 from .imagefiles import ImageFileError, decode_bytes, is_palette_png, palette_indices, read_checked, read_image
 
 NUM_CLASSES = 4
@@ -107,10 +109,7 @@ def write_image_atomic(path, array):
     ok, encoded = cv.imencode(extension, array, params)
     if not ok:
         raise OSError(f"OpenCV could not encode {path}")
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.write(encoded.tobytes())
-    os.replace(temporary, path)
+    atomic_write_bytes(path, encoded.tobytes(), sync=False)   # a data set's file: drawn again if lost
 
 
 def read_bgr(path):

@@ -3,45 +3,31 @@ history.csv, training.png and predictions.png."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from minitensor.files import atomic_write_bytes
+
 from .data import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize_mask, load_mask, read_bgr, write_image_atomic
+from .folders import OutputFolderError, check_writable_folder  # noqa: F401 (predict.py imports them here)
 from .metrics import format_scores, score_mask_files
 from .tiling import crop_output, fit_to_model
 from .tta import predict_views
 
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "lr", "seconds", "images_per_second")
-
-
-class OutputFolderError(ValueError):
-    """An output folder that is a file or cannot be written; the message names the flag and the fix."""
-
-
-def check_writable_folder(folder, flag):
-    """Make ``folder`` if needed and write a file there now, so that a bad output folder fails
-    before hours of work instead of after them."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise OutputFolderError(f"{flag} {folder}: is a file, not a folder; give a folder path")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise OutputFolderError(f"{flag} {folder}: cannot write there ({error.strerror or error}); "
-                                f"give a folder you can write to") from None
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "lr", "seconds", "images_per_second", "save_seconds")
 
 
 def write_history_csv(path, history):
     """One row per epoch (1-based), the columns of HISTORY_FIELDS."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, text.getvalue())
 
 
 def _pyplot():
@@ -97,10 +83,7 @@ def plot_predictions(path, images, true_masks, predicted_masks, titles, palette=
 
 
 def write_text_atomic(path, text):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def json_text(value):
@@ -137,9 +120,10 @@ def predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta=False):
     return images_bgr, predictions
 
 
-def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=False, log=print):
+def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=False, log=print, weights=None):
     """Everything a finished run leaves in ``results_dir``: masks, metrics.json (scored from the mask
-    files), history.csv, training.png, predictions.png. Returns the scores (None without test images)."""
+    files, with ``weights``: which weights predicted them), history.csv, training.png,
+    predictions.png. Returns the scores (None without test images)."""
     os.makedirs(results_dir, exist_ok=True)
     write_history_csv(os.path.join(results_dir, "history.csv"), history)
     if history:
@@ -151,7 +135,8 @@ def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=F
     scores = score_mask_files(dirs.test_masks, results_dir, test_ids, NUM_CLASSES, palette=PALETTE)
     log(f"Test set (from the files in {results_dir} against {dirs.test_masks}):")
     log(format_scores(scores, CLASS_NAMES))
-    write_text_atomic(os.path.join(results_dir, "metrics.json"), json_text(scores))
+    write_text_atomic(os.path.join(results_dir, "metrics.json"),
+                      json_text({**scores, "weights": weights} if weights else scores))
     shown = min(4, len(test_ids))
     truths = [load_mask(os.path.join(dirs.test_masks, f"{i}.png"), NUM_CLASSES) for i in test_ids[:shown]]
     plot_predictions(os.path.join(results_dir, "predictions.png"), images[:shown], truths, predictions[:shown],

@@ -16,7 +16,10 @@ import sys
 import cv2 as cv
 import numpy as np
 
+from minitensor.files import atomic_write_bytes, remove_stale_temporaries
+
 from .data import NUM_CLASSES, DatasetError, as_hw, dataset_dirs, sample_paths, write_image_atomic
+from .folders import LOCK_FILE, FolderLock
 
 MARKER_FILE = "shapes.json"
 GENERATOR_KEYS = ("num_images", "num_test", "image_size", "seed")   # what the marker records (and "complete")
@@ -136,9 +139,7 @@ def _read_marker(root):
 def _write_marker(root, params, complete):
     """``complete`` False while files are being drawn: an interrupted run is then still known as ours."""
     path = os.path.join(os.fspath(root), MARKER_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**params, "complete": complete}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, json.dumps({**params, "complete": complete}, indent=2).encode())
 
 
 def _generator_params(num_images, image_size, num_test, seed):
@@ -164,7 +165,7 @@ def _params_text(params):
 
 
 def _holds_anything(root):
-    return os.path.isdir(root) and bool(os.listdir(root))
+    return os.path.isdir(root) and any(name != LOCK_FILE for name in os.listdir(root))
 
 
 def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0, overwrite=False):
@@ -187,6 +188,7 @@ def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0,
     _write_marker(root, params, complete=False)
     for folder in dataset_dirs(root):
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)     # files of a run killed while writing them
     written = kept = 0
     for index in range(num_images):
         image_path, mask_path = sample_paths(root, index, num_images, num_test)
@@ -220,6 +222,14 @@ def ensure_dataset(root, num_images=1000, image_size=128, num_test=100, seed=0, 
     """
     root = os.fspath(root)
     params = _generator_params(num_images, image_size, num_test, seed)
+    if _read_marker(root) is None and _holds_anything(root):      # the user's data: read, never locked or written
+        return _ensure(root, params, log)
+    with FolderLock(root, "--data", "generating the shape data set").acquire(wait=True, log=log):
+        return _ensure(root, params, log)
+
+
+def _ensure(root, params, log):
+    num_images, num_test, image_size, seed = (params[key] for key in GENERATOR_KEYS)
     stored = _read_marker(root)
     if stored is None and not _holds_anything(root):
         log(f"dataset: generating the shape data set in {root} ({_params_text(params)}) ...")
@@ -265,8 +275,9 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="redraw every file, even those already there")
     args = parser.parse_args(argv)
     try:
-        summary = generate_shapes(args.out, args.num_images, args.image_size, args.num_test, args.seed,
-                                  args.overwrite)
+        with FolderLock(args.out, "--out", "python -m unet.shapes").acquire():
+            summary = generate_shapes(args.out, args.num_images, args.image_size, args.num_test, args.seed,
+                                      args.overwrite)
     except ValueError as error:   # DatasetError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,45 +2,48 @@
 
 ``Trainer.fit`` runs epochs of batches, validates after each epoch and calls the callbacks
 (checkpoint, learning-rate schedule, early stopping) as Keras does. Whatever stops it (Ctrl-C,
-``--max-minutes``, ``kill -9``, a crash, a full disk), the run can be continued from the newest
-checkpoint and ends with the very bytes an uninterrupted run would have written, because the
-checkpoint holds everything the rest of the run depends on: one ``TrainingState``, which saving
-and restoring both go through, so the two cannot drift apart.
+SIGTERM, SIGHUP, a closed output pipe, ``--max-minutes``, ``kill -9``, a crash, a full disk),
+the run can be continued from the newest checkpoint and ends with the very bytes an
+uninterrupted run would have written, because the checkpoint holds everything the rest of the
+run depends on: one ``TrainingState`` (unet/training_state.py), which saving and restoring both
+go through, so the two cannot drift apart.
 
-When checkpoints are written (``WEIGHTS_DIR/last.npz``, atomically: a temporary file, then a rename):
+When checkpoints are written (``WEIGHTS_DIR/last.npz``, atomically by minitensor/checkpoint.py):
 
 * after every epoch (after validation and the callbacks);
 * during an epoch, after the first batch that ends ``checkpoint_minutes`` after the last save
   (so ``kill -9`` loses at most that much work; 0 saves after every batch);
-* when a stop is requested (Ctrl-C: after the current batch, or after validation if it came then).
+* when a stop is requested (unet/stopping.py: after the current batch, or after validation if it
+  came then).
 
-What is not saved is what cannot change the result: wall-clock times go into the history as they
-were measured, and a resumed epoch reports the time of both of its parts.
+``WEIGHTS_DIR/best.npz`` holds the weights of the epoch with the lowest val_loss so far (written
+when an epoch beats it), for predicting as Keras's ``restore_best_weights`` would. What is not
+saved is what cannot change the result: wall-clock times go into the history as they were
+measured, and a resumed epoch reports the time of both of its parts.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import math
 import os
 import signal
-import sys
 import time
-from typing import Any
 
 from minitensor import backend
-from minitensor.files import ModelFileError, atomic_savez, read_npz, with_prefix
+from minitensor.checkpoint import read_checkpoint, remove_stale_temporaries, write_checkpoint
+from minitensor.files import with_prefix
 
 from .callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .data import CLASS_NAMES, NUM_CLASSES
 from .prefetch import Prefetcher
+from .stopping import StopRequest
+from .training_state import TrainingState
 from .tiling import fit_to_model
 from .weights import batch_weights
 
 RESUME_FILE = "last.npz"
-# atomic_savez's temporary files: one left behind means a save was killed before its rename.
-TEMPORARY_PATTERN = ".tmp-*.npz"
+BEST_FILE = "best.npz"            # the weights of the epoch with the lowest val_loss so far
+WEIGHT_CACHE = "border_weights"   # the border-weight maps' cache, in the weights folder (not the user's data)
 
 
 class TrainingError(RuntimeError):
@@ -49,71 +52,6 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(TrainingError):
     """--resume cannot continue from this checkpoint (missing, corrupt, other settings); the message says what to do."""
-
-
-class StopRequest:
-    """First Ctrl-C (SIGINT): finish the current batch, then save and stop. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this batch and saving a checkpoint (Ctrl-C again to quit now)",
-              file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class TrainingState:
-    """Everything the rest of a run depends on, as host arrays and JSON-able values.
-
-    ``loader`` is the shuffling generator's state *before* epoch ``epoch``'s order was drawn: a
-    resumed run draws that order again and skips the ``batch`` batches already trained. The
-    augmenter's generator is saved where it stands, after the last trained batch.
-    """
-
-    weights: dict                   # Model.weights_dict(): "weights/<layer>/<name>" -> host array
-    optimizer: dict                 # Adam.get_state(): iterations, learning rate, moments
-    fingerprint: dict               # the settings a resumed run must share (see train.run_fingerprint)
-    epoch: int = 0                  # epochs finished
-    batch: int = 0                  # batches of epoch ``epoch`` finished
-    epoch_loss_sum: float = 0.0     # sum of batch loss x batch size so far in this epoch
-    epoch_images: int = 0
-    epoch_seconds: float = 0.0
-    train_seconds: float = 0.0      # all epochs so far, every run of this training together
-    history: list = dataclasses.field(default_factory=list)
-    callbacks: list = dataclasses.field(default_factory=list)
-    stop_training: bool = False     # EarlyStopping's verdict
-    loader: dict | None = None
-    augmenter: dict | None = None
-
-    ARRAYS = ("weights", "optimizer")
-
-    def to_dict(self) -> dict[str, Any]:
-        """{"weights": {...}, "optimizer": {...}, "progress": {every other field, JSON-able}}."""
-        progress = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.ARRAYS}
-        return {"weights": self.weights, "optimizer": self.optimizer, "progress": progress}
-
-    @classmethod
-    def from_dict(cls, data, source="the checkpoint"):
-        """The inverse of ``to_dict``; a ModelFileError names what a file that is no checkpoint lacks."""
-        progress = data["progress"]
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS]
-        missing = [name for name in names if name not in progress]
-        if missing:
-            raise ModelFileError(f"{source}: not a training checkpoint of train.py (it lacks {', '.join(missing)})")
-        return cls(weights=dict(data["weights"]), optimizer=dict(data["optimizer"]),
-                   **{name: progress[name] for name in names})
 
 
 class Trainer:
@@ -143,8 +81,8 @@ class Trainer:
         self.augmenter = augmenter
         self.border_weighted, self.class_weights = border_weighted, class_weights
         self.checkpoint_minutes, self.max_minutes = checkpoint_minutes, max_minutes
-        self.quiet, self.log = quiet, log
         self.stop = StopRequest()
+        self.quiet, self.log = quiet, self._guarded(log)
         self.on_batch_end = None
         self.loss_read_every, self.prefetch = loss_read_every, prefetch
         self._unread = []            # (batch index, images, loss on the device) of batches whose loss is unread
@@ -152,35 +90,51 @@ class Trainer:
                                    loader=train_loader.get_state(),
                                    augmenter=augmenter.get_state() if augmenter else None)
         self._last_save = time.monotonic()
+        self._save_seconds = 0.0     # time spent writing checkpoints in this epoch
         if border_weighted and class_weights is not None:
             log("border-weighted loss, class weights: "
                 + ", ".join(f"{name} {w:.3g}" for name, w in zip(CLASS_NAMES, class_weights)))
+        self.early_stopping = EarlyStopping(monitor="val_loss", min_delta=0, patience=10, verbose=1,
+                                            log=self._log_above_progress)
         self.callbacks = [
             ModelCheckpoint(weights_dir, period=3, verbose=1, log=self._log_above_progress),
             ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, verbose=1, log=self._log_above_progress),
-            EarlyStopping(monitor="val_loss", min_delta=0, patience=10, verbose=1, log=self._log_above_progress),
+            self.early_stopping,
         ]
         for callback in self.callbacks:
             callback.set_model(model)
             callback.on_train_begin()
 
+    def _guarded(self, write):
+        """``write`` that never stops training: a closed pipe (``train.py | head``) is a stop request,
+        as Ctrl-C is, and a terminal gone after SIGHUP is written to no more."""
+        def say(message):
+            try:
+                write(message)
+            except BrokenPipeError:
+                self.stop.request(signal.SIGPIPE)
+            except OSError:
+                pass
+        return say
+
     def _log_above_progress(self, message):
         from tqdm import tqdm
 
-        tqdm.write(message)
+        self._guarded(tqdm.write)(message)
 
     # -- the one state, captured and applied --
     def capture(self) -> TrainingState:
         """The run as it stands now, with copies of every array (later steps do not change it)."""
         self._read_losses()
         return dataclasses.replace(
-            self.state, weights=self.model.weights_dict(), optimizer=self.model.optimizer.get_state(),
+            self.state, weights=with_prefix(self.model.weights_dict(), "weights/"),
+            optimizer=self.model.optimizer.get_state(),
             history=list(self.state.history), callbacks=[c.get_state() for c in self.callbacks],
             stop_training=bool(self.model.stop_training))
 
     def apply(self, state: TrainingState, source="the checkpoint"):
         """Put ``state`` into the model, the optimizer, the callbacks and the augmenter."""
-        self.model.assign_weights(with_prefix(state.weights, "weights/"), source)
+        self.model.assign_weights(state.weights, source)
         self.model.optimizer.set_state(state.optimizer)
         for callback, saved in zip(self.callbacks, state.callbacks, strict=True):
             callback.set_state(saved)
@@ -194,17 +148,39 @@ class Trainer:
     def resume_path(self):
         return os.path.join(self.weights_dir, RESUME_FILE)
 
-    def remove_stale_temporaries(self):
-        """Delete the temporary files of saves that were killed before their rename (never a finished file)."""
-        for path in glob.glob(os.path.join(glob.escape(self.weights_dir), TEMPORARY_PATTERN)):
-            os.remove(path)
-            self.log(f"removed {path}, a partial checkpoint left by an interrupted save")
+    @property
+    def best_path(self):
+        return os.path.join(self.weights_dir, BEST_FILE)
 
     def save_checkpoint(self):
         """Write the TrainingState to WEIGHTS_DIR/last.npz, atomically (predict.py reads the file as a model)."""
+        started = time.perf_counter()
         data = self.capture().to_dict()
-        atomic_savez(self.resume_path, self.model.file_arrays(data["weights"], data["optimizer"], data["progress"]))
+        write_checkpoint(self.resume_path, self.model, data["progress"], data["weights"], data["optimizer"])
         self._last_save = time.monotonic()
+        self._save_seconds += time.perf_counter() - started
+
+    def _save_if_best(self, val_loss):
+        """Keep the weights of the epoch with the lowest val_loss in WEIGHTS_DIR/best.npz (what the test
+        set is predicted with, as Keras's ``restore_best_weights`` would have it)."""
+        state = self.state
+        if state.best_val_loss is not None and not val_loss < state.best_val_loss:
+            return
+        started = time.perf_counter()
+        state.best_val_loss, state.best_epoch = val_loss, state.epoch + 1
+        write_checkpoint(self.best_path, self.model, {"epoch": state.best_epoch, "val_loss": val_loss},
+                         optimizer_state={})
+        self._save_seconds += time.perf_counter() - started
+
+    def load_best_weights(self):
+        """Put best.npz's weights into the model (to predict with them); returns its record,
+        ``{"epoch", "val_loss"}``, or None where this run has no best.npz (a checkpoint from before
+        best.npz was kept)."""
+        if self.state.best_val_loss is None or not os.path.exists(self.best_path):
+            return None
+        checkpoint = read_checkpoint(self.best_path)
+        self.model.assign_weights(checkpoint.weights, self.best_path)
+        return checkpoint.extra
 
     def restore(self):
         """Continue from WEIGHTS_DIR/last.npz; a CheckpointError says why a checkpoint does not fit this run."""
@@ -213,16 +189,12 @@ class Trainer:
             raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume to start, "
                                   f"or point --weights-dir at the folder of the run to continue")
         try:
-            data = read_npz(path)
-            progress = json.loads(str(data["extra"])) if "extra" in data else {}
-            if "loader" not in progress and "epoch_start_state" in progress:
-                progress["loader"] = self._loader_state_of_old_checkpoint(progress)
-            state = TrainingState.from_dict({"weights": {k: v for k, v in data.items() if k.startswith("weights/")},
-                                             "optimizer": with_prefix(data, "optimizer/"), "progress": progress},
-                                            source=path)
+            checkpoint = read_checkpoint(path)
+            state = TrainingState.from_dict({"weights": checkpoint.weights, "optimizer": checkpoint.optimizer,
+                                             "progress": checkpoint.extra}, source=path)
         except (ValueError, KeyError, TypeError) as error:     # ModelFileError, or a damaged "extra" record
-            raise CheckpointError(f"--resume: {error}. Start afresh with another --weights-dir (or without "
-                                  f"--resume), or continue from an older checkpoint copied to {path}") from None
+            raise CheckpointError(f"--resume: {error}. Start afresh with another --weights-dir (or "
+                                  f"--start-over), or continue from an older checkpoint copied to {path}") from None
         differences = [f"--{key.replace('_', '-')} {state.fingerprint.get(key)!r} there, {value!r} here"
                        for key, value in self.state.fingerprint.items() if state.fingerprint.get(key) != value]
         if differences:
@@ -233,20 +205,17 @@ class Trainer:
             raise CheckpointError(f"--resume: {path} has trained {state.epoch} epochs, more than "
                                   f"--epochs {self.epochs}; pass --epochs {state.epoch} or more")
         self.apply(state, source=path)
-        if self.finished:
+        if self.model.stop_training:
+            best = (f"; its best val_loss, {state.best_val_loss:.4f}, came at epoch {state.best_epoch}"
+                    if state.best_val_loss is not None else "")
+            self.log(f"resumed from {path}: EarlyStopping ended this run after epoch {state.epoch} (val_loss had "
+                     f"not improved for {self.early_stopping.patience} epochs{best}), and a resumed run does not "
+                     f"train past it, whatever --epochs says; predicting. To train longer, start a new run "
+                     f"(another --weights-dir, or --start-over)")
+        elif self.finished:
             self.log(f"resumed from {path}: training finished after epoch {state.epoch}; predicting")
         else:
             self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch}")
-
-    def _loader_state_of_old_checkpoint(self, progress):
-        """Files from before TrainingState kept the loader's state at the start of the epoch they were in;
-        after a finished epoch (batch 0) that epoch's draw of the order takes it to the next one's."""
-        saved = progress.pop("epoch_start_state")
-        if progress.get("batch") != 0 or saved is None:
-            return saved
-        self.train_loader.set_state(saved)
-        self.train_loader.epoch_order()
-        return self.train_loader.get_state()
 
     @property
     def finished(self):
@@ -321,11 +290,12 @@ class Trainer:
     def _read_batch(self, loader, ids, augment):
         """(images, masks, weights or None) for these ids, augmented if asked, fitted to the model.
 
-        Border weights come from the cache beside the masks and, when the batch is deformed,
+        Border weights come from their cache in the weights folder and, when the batch is deformed,
         are deformed with it, so they stay on the gaps between the objects.
         """
         images, masks = loader.read_labels(ids)     # class indices: the model one-hots them on its device
-        weights = (batch_weights(ids, loader.masks_dir, NUM_CLASSES, class_weights=self.class_weights)
+        weights = (batch_weights(ids, loader.masks_dir, os.path.join(self.weights_dir, WEIGHT_CACHE), NUM_CLASSES,
+                                 class_weights=self.class_weights)
                    if self.border_weighted else None)
         if augment and self.augmenter is not None:
             images, masks, *rest = self.augmenter(images, masks, weights)
@@ -348,7 +318,7 @@ class Trainer:
         return total / sum(sizes)
 
     def _end_epoch(self):
-        """Validate, log, run the callbacks and move the state to the next epoch's start."""
+        """Validate, run the callbacks, keep the best weights and move the state to the next epoch's start."""
         state = self.state
         val_loss = self._validate()
         if not math.isfinite(val_loss):
@@ -359,33 +329,49 @@ class Trainer:
                 "lr": self.model.optimizer.learning_rate}
         state.history.append({"epoch": state.epoch + 1, **logs, "seconds": round(seconds, 3),
                               "images_per_second": round(state.epoch_images / seconds, 3)})
-        self.log(f"Epoch {state.epoch + 1}/{self.epochs} - loss {logs['loss']:.4f} - val_loss {val_loss:.4f} "
-                 f"- lr {logs['lr']:.2e} - {seconds:.1f} s - {state.epoch_images / seconds:.1f} images/s")
         state.train_seconds += seconds
         for callback in self.callbacks:
             callback.on_epoch_end(state.epoch, logs)
+        self._save_if_best(val_loss)
         state.epoch, state.batch = state.epoch + 1, 0
         state.epoch_loss_sum, state.epoch_images, state.epoch_seconds = 0.0, 0, 0.0
         state.loader = self.train_loader.get_state()   # past this epoch's draw: the next epoch's start
 
+    def _log_epoch(self):
+        """The finished epoch's line, with the time its checkpoints took (not in its training time).
+
+        The history row gets it too (``save_seconds``); the row inside the epoch's own checkpoint,
+        written before that time was known, lacks the last save, so a run resumed from that very
+        checkpoint reports a little less (timings are the one thing a resume does not reproduce)."""
+        row = self.state.history[-1]
+        row["save_seconds"] = round(self._save_seconds, 3)
+        self._save_seconds = 0.0
+        self.log(f"Epoch {row['epoch']}/{self.epochs} - loss {row['loss']:.4f} - val_loss {row['val_loss']:.4f} "
+                 f"- lr {row['lr']:.2e} - {row['seconds']:.1f} s - {row['images_per_second']:.1f} images/s"
+                 f" - checkpoints {row['save_seconds']:.1f} s")
+
+    def _stopped(self):
+        self.log(f"stopped: saved {self.resume_path}; continue with the same command and --resume")
+        return False
+
     def fit(self):
-        """Train until the epochs are done, EarlyStopping stops, time is up, or Ctrl-C. True if finished.
+        """Train until the epochs are done, EarlyStopping stops, time is up, or a stop signal. True if
+        finished; False if stopped (``stop.exit_status`` says how).
 
         ``max_minutes`` counts the training time of this call only, so a resumed run gets its own budget.
         """
-        self.remove_stale_temporaries()
+        remove_stale_temporaries(self.weights_dir, self.log)
         session_start = self.state.train_seconds
         with self.stop:
             while not self.finished:
                 if not self._train_epoch():
                     self.save_checkpoint()
-                    self.log(f"interrupted: saved {self.resume_path}; continue with the same command and --resume")
-                    return False
+                    return self._stopped()
                 self._end_epoch()
                 self.save_checkpoint()
+                self._log_epoch()
                 if self.stop.requested:
-                    self.log(f"interrupted: saved {self.resume_path}; continue with the same command and --resume")
-                    return False
+                    return self._stopped()
                 if (self.max_minutes is not None and not self.finished
                         and self.state.train_seconds - session_start > 60 * self.max_minutes):
                     self.log(f"--max-minutes {self.max_minutes:g}: stopping after epoch {self.state.epoch}; "
