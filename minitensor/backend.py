@@ -230,8 +230,3 @@ def scratch_array(shape, dtype, like):
         _scratch_buffers[dtype] = None        # let the old buffer go before taking a bigger one
         buffer = _scratch_buffers[dtype] = np.empty(size, dtype=dtype)
     return buffer[:size].reshape(shape)
-
-
-def release_scratch():
-    """Free the CPU scratch buffers (they are taken again when next needed)."""
-    _scratch_buffers.clear()

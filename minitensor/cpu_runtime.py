@@ -3,15 +3,15 @@
 They are applied when minitensor is imported, must come before NumPy is imported to take full
 effect (``train.py``, ``predict.py`` and ``unet`` import minitensor first), and are skipped
 altogether with ``MINITENSOR_CPU_DEFAULTS=0``. ``status()`` says what is in effect; the
-benchmark prints it. Measured on the 2-core EPYC (docs/benchmarks.md, "Process settings").
+benchmark prints it. What each setting bought, measured, is in docs/benchmarks.md ("Process settings").
 
 Thread pools. A training step alternates between numba's pool (the ``prange`` kernels:
 Winograd and direct convolutions, pooling, upsampling) and OpenBLAS's (the layers that keep
 im2col + GEMM, the 1x1 output layer, the bias gradients). Out of the box each pool's threads
 keep spinning after their work is done, OpenBLAS's for about 2^28 cycles (a tenth of a second)
 after every product, and on a machine with as many cores as threads the spinning threads of one
-pool steal the cores from the other pool's busy ones: a small_unet step took 1.6-1.7 s with
-the defaults, 1.0-1.2 s with the two settings below, which let idle threads sleep at once.
+pool steal the cores from the other pool's busy ones. The two settings below let idle threads
+sleep at once.
 
 - ``OPENBLAS_THREAD_TIMEOUT=4``: OpenBLAS's threads wait 2^4 cycles before they sleep.
   OpenBLAS reads it when it is loaded, i.e. when NumPy is first imported, so it only helps
@@ -23,10 +23,10 @@ Both are defaults (``os.environ.setdefault``): a value set by the user wins.
 
 Memory. glibc hands every allocation above 32 MiB (a 16 x 128 x 128 x 32 float32 map is
 32 MiB) straight from the operating system and gives it back on ``free``, so each step's
-activations and gradients arrive as fresh pages, which the kernel zeroes on first touch:
-0.15-0.3 s of system time per small_unet step. ``mallopt`` (glibc, Linux) is told to serve
-them from the heap and keep freed memory for the next step (M_MMAP_MAX = 0, M_TRIM_THRESHOLD =
-2 GiB): system time falls to about 0.01 s per step, peak memory stays the same (within 1%).
+activations and gradients arrive as fresh pages, which the operating system zeroes on first
+touch, every step. ``mallopt`` (glibc, Linux) is told to serve them from the heap and keep freed
+memory for the next step (M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB): the pages are zeroed once,
+and the peak memory stays that of one step.
 """
 from __future__ import annotations
 

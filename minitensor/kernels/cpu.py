@@ -178,9 +178,9 @@ def _softmax_kernel(x, y):
     """y[r] = softmax(x[r]) for every row r of the (rows, channels) arrays, parallel over rows.
 
     One pass per row over its few channels, where NumPy makes five passes over the whole array
-    (max, subtract, exp, sum, divide) and reduces along a short last axis, its slow case (20 ms
-    for small_unet's 16x128x128x4 output against 2 ms here). The same operations in the same
-    order; exp is LLVM's, which may differ from NumPy's in the last bit."""
+    (max, subtract, exp, sum, divide) and reduces along a short last axis, its slow case
+    (docs/benchmarks.md has the timings). The same operations in the same order; exp is LLVM's,
+    which may differ from NumPy's in the last bit."""
     rows, channels = x.shape
     for r in prange(rows):
         largest = x[r, 0]
