@@ -282,8 +282,8 @@ def prediction_weights(trainer, predict_with, log=print):
         return last
     best = trainer.load_best_weights()
     if best is None:
-        log(f"predicting the test set with the last epoch's weights: {trainer.best_path} is missing (a checkpoint "
-            f"from before it was kept)")
+        log(f"predicting the test set with the last epoch's weights: {trainer.best_path} does not hold the best "
+            f"epoch's ({trainer.state.best_epoch}; the run was begun by a version that kept no best.npz)")
         return last
     log(f"predicting the test set with {trainer.best_path}: the weights of epoch {best['epoch']}, whose val_loss "
         f"{best['val_loss']:.4f} is the lowest; the last epoch's ({trainer.state.epoch}) are in {trainer.resume_path} "

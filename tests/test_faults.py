@@ -20,7 +20,6 @@ import pytest
 import train
 from minitensor import Model
 from minitensor.files import atomic_savez, read_npz
-from unet.batches import BatchLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-images", "24", "--num-val", "4", "--num-test", "4", "--image-size", "32", "--batch-size", "4",
@@ -44,15 +43,17 @@ def outcome(run_dir):
     arrays = {key: value for key, value in read_npz(weights_dir / "last.npz").items()
               if key.startswith(("weights/", "optimizer/"))}
     checkpoints = {path.name: {k: v for k, v in read_npz(path).items() if k.startswith("weights/")}
-                   for path in sorted(weights_dir.glob("ep*.npz"))}
+                   for path in sorted([*weights_dir.glob("ep*.npz"), *weights_dir.glob("best.npz")])}
     history = [row.split(",")[:4] for row in (run_dir / "UNet_test_result" / "history.csv").read_text().splitlines()]
     return arrays, checkpoints, history
 
 
-def assert_same_end(reference_dir, run_dir):
+def assert_same_end(reference_dir, run_dir, best=True):
     reference, resumed = outcome(reference_dir), outcome(run_dir)
+    if not best:
+        reference[1].pop("best.npz", None), resumed[1].pop("best.npz", None)
     assert resumed[2] == reference[2], "history.csv differs"
-    assert resumed[1].keys() == reference[1].keys(), "other epNNN checkpoints"
+    assert resumed[1].keys() == reference[1].keys(), "other epNNN / best checkpoints"
     for name, weights in reference[1].items():
         for key, value in weights.items():
             np.testing.assert_array_equal(resumed[1][name][key], value, err_msg=f"{name} {key}")
@@ -178,19 +179,20 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(reference, monkeypatch
     assert_same_end(base / "straight", base / "full")
 
 
-def test_a_checkpoint_written_before_the_training_state_resumes_exactly(reference):
-    """Older files kept the loader's state at the start of the epoch they were in ("epoch_start_state")."""
+def test_a_checkpoint_without_the_best_epoch_resumes_exactly(reference, capsys):
+    """Checkpoints from before best.npz lack best_val_loss and best_epoch: the run resumes bit for
+    bit, and the best so far is taken from its history."""
     flags, base = reference
     assert run(base, "old", *flags, on_batch_end=stop_at(4)) == 130          # saved at the end of epoch 1
     path = base / "old" / "UNet_weight" / "last.npz"
     arrays = read_npz(path)
     extra = json.loads(str(arrays["extra"]))
-    del extra["loader"]
-    extra["epoch_start_state"] = BatchLoader(range(16), "", "", 4, seed=22).get_state()   # epoch 1's start
+    del extra["best_val_loss"], extra["best_epoch"]
     arrays["extra"] = np.array(json.dumps(extra))
     atomic_savez(path, arrays)
+    (base / "old" / "UNet_weight" / "best.npz").unlink()
     assert run(base, "old", *flags, "--resume") == 0
-    assert_same_end(base / "straight", base / "old")
+    assert_same_end(base / "straight", base / "old", best=False)
 
 
 KILLER = textwrap.dedent("""
@@ -242,3 +244,113 @@ def test_sigkill_then_resume(each_variant, mode, when, extra, capsys):
     else:
         assert "epoch 2, batch 0" in out
     assert_same_end(base / "straight", base / name)
+
+
+# ----- stop signals from outside: real processes, real signals --------------------------------------
+
+SLOW = textwrap.dedent("""
+    import sys, time
+    import train
+    def hook(trainer):                      # slow enough for a signal to arrive mid-run; says where it is
+        print(f"batch {trainer.state.epoch * 4 + trainer.state.batch}", file=sys.stderr, flush=True)
+        time.sleep(0.3)
+    sys.exit(train.main(sys.argv[1:], on_batch_end=hook))
+""")
+
+
+def slow_run(argv, **popen):
+    return subprocess.Popen([sys.executable, "-u", "-c", SLOW, *argv], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, **popen)
+
+
+def wait_for_batch(process, batch):
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.strip() == f"batch {batch}":
+            return lines
+    pytest.fail(f"the run ended before batch {batch}: {''.join(lines)[-2000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_save_and_resume_exactly(reference, signum, capsys):
+    """What `timeout`, `docker stop`, a scheduler (SIGTERM) or a closed terminal (SIGHUP) send is
+    treated as Ctrl-C: the batch ends, a checkpoint is saved, the status is 128 + the signal."""
+    flags, base = reference
+    name = f"signal{int(signum)}"
+    process = slow_run(argv_of(base, name, *flags))
+    try:
+        wait_for_batch(process, 6)
+        process.send_signal(signum)
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 128 + signum, err[-2000:]
+    finally:
+        process.kill()
+    assert "Traceback" not in err
+    if signum == signal.SIGTERM:
+        assert "SIGTERM: stopping after this batch and saving a checkpoint" in err
+    assert run(base, name, *flags, "--resume") == 0
+    assert "epoch 2, batch 2" in capsys.readouterr().out
+    assert_same_end(base / "straight", base / name)
+
+
+def test_an_ignored_sighup_stays_ignored(reference):
+    """Under nohup SIGHUP is ignored from the start; the run must not start handling it."""
+    flags, base = reference
+    process = slow_run(argv_of(base, "nohup", *flags, "--epochs", "1"),
+                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        wait_for_batch(process, 2)
+        process.send_signal(signal.SIGHUP)
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 0, err[-2000:]
+    finally:
+        process.kill()
+
+
+def test_a_closed_output_pipe_stops_quietly_and_resumes_exactly(reference):
+    """`train.py | head`: once the reader is gone, the run saves after the batch and exits 141
+    without a message or a traceback; --resume ends as an uninterrupted run."""
+    flags, base = reference
+    process = subprocess.Popen([sys.executable, "-u", "train.py", *argv_of(base, "pipe", *flags)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Epoch 1/3"):
+                break
+        process.stdout.close()                  # as head does after its lines
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 141, err[-2000:]
+    finally:
+        process.kill()
+    assert "Traceback" not in err and "error" not in err, err[-2000:]
+    assert (base / "pipe" / "UNet_weight" / "last.npz").exists()
+    assert not (base / "pipe" / "UNet_test_result" / "metrics.json").exists()
+    assert run(base, "pipe", *flags, "--resume") == 0
+    assert_same_end(base / "straight", base / "pipe")
+
+
+def test_one_run_per_folder_and_a_live_runs_save_is_not_cleaned_up(reference, capsys):
+    """A second train.py on a folder in use is refused with the holder's pid, and deletes nothing of
+    it: a temporary file of the live run's is kept; one of a dead process is removed at the next start."""
+    flags, base = reference
+    process = slow_run(argv_of(base, "busy", *flags))
+    weights_dir = base / "busy" / "UNet_weight"
+    try:
+        wait_for_batch(process, 1)
+        live = weights_dir / f".tmp-{process.pid}-inprogress.npz"
+        live.write_bytes(b"a save in progress")
+        assert run(base, "busy", *flags, "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"--weights-dir {weights_dir}: in use by a training run (pid {process.pid}," in err
+        assert "one run per folder" in err
+        assert run(base, "busy", *flags, "--start-over") == 2     # refused before deleting anything
+        assert live.exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143
+    finally:
+        process.kill()
+    live.rename(weights_dir / ".tmp-999999999-dead.npz")          # no such process
+    assert run(base, "busy", *flags, "--resume") == 0
+    assert "removed " in capsys.readouterr().out
+    assert_same_end(base / "straight", base / "busy")

@@ -16,7 +16,7 @@ import sys
 import cv2 as cv
 import numpy as np
 
-from minitensor.files import atomic_write_bytes, remove_stale_temporaries
+from minitensor.files import TEMPORARY_PREFIX, atomic_write_bytes, remove_stale_temporaries
 
 from .data import NUM_CLASSES, DatasetError, as_hw, dataset_dirs, sample_paths, write_image_atomic
 from .folders import LOCK_FILE, FolderLock
@@ -165,7 +165,9 @@ def _params_text(params):
 
 
 def _holds_anything(root):
-    return os.path.isdir(root) and any(name != LOCK_FILE for name in os.listdir(root))
+    """Whether ``root`` holds files, beside a generating run's lock and temporary files."""
+    return os.path.isdir(root) and any(name != LOCK_FILE and not name.startswith(TEMPORARY_PREFIX)
+                                       for name in os.listdir(root))
 
 
 def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0, overwrite=False):

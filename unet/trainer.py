@@ -179,6 +179,8 @@ class Trainer:
         if self.state.best_val_loss is None or not os.path.exists(self.best_path):
             return None
         checkpoint = read_checkpoint(self.best_path)
+        if checkpoint.extra.get("epoch") != self.state.best_epoch:      # not this run's best (yet)
+            return None
         self.model.assign_weights(checkpoint.weights, self.best_path)
         return checkpoint.extra
 

@@ -54,5 +54,11 @@ class TrainingState:
         missing = [name for name in names if name not in progress and name not in cls.ADDED_LATER]
         if missing:
             raise ModelFileError(f"{source}: not a training checkpoint of train.py (it lacks {', '.join(missing)})")
-        return cls(weights=dict(data["weights"]), optimizer=dict(data["optimizer"]),
-                   **{name: progress[name] for name in names if name in progress})
+        state = cls(weights=dict(data["weights"]), optimizer=dict(data["optimizer"]),
+                    **{name: progress[name] for name in names if name in progress})
+        if "best_val_loss" not in progress and state.history:
+            # A checkpoint from before best.npz: the best so far is known from the history, its
+            # weights are not; a later epoch that beats it writes best.npz as usual.
+            best = min(state.history, key=lambda row: row["val_loss"])
+            state.best_val_loss, state.best_epoch = best["val_loss"], best["epoch"]
+        return state
