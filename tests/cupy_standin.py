@@ -8,16 +8,25 @@ It is NumPy underneath, but it refuses what real CuPy refuses and counts what a 
 * an implicit conversion to NumPy (``np.asarray(x)``, OpenCV, any ``__array__`` call) raises TypeError, as in
   CuPy; ``.get()``, ``cupy.asnumpy``, ``float(x)``, ``int(x)``, ``bool(x)`` and ``.item()`` work and are
   counted as a device-to-host transfer and a host sync (a GPU must finish its queue first);
-* only names that CuPy 13.6 has exist, for the module and for its arrays (``tests/cupy_names.txt``, dumped
-  from an installed ``cupy-cuda12x==13.6.0``): anything else is an AttributeError, so the engine cannot lean
-  on a NumPy-only function that would fail on a real GPU;
+* only names that both CuPy 13.6 and CuPy 14.2 have exist, for the module, its arrays, ``cupy.cuda`` and
+  ``_routines_linalg`` (``tests/cupy_names.txt`` dumped from ``cupy-cuda12x==13.6.0``,
+  ``tests/cupy_names_14.txt`` from ``cupy-cuda13x==14.2.0``; 14.2 lacks ``cupy.sparse``): anything else is
+  an AttributeError naming the version that lacks it, so the engine cannot lean on a NumPy-only function,
+  or on a name of one CuPy only, that would fail on a real GPU;
 * ``RawModule``/``RawKernel`` compile the CUDA source the engine gives NVRTC as C++ (``tests/cuda_cpp.py``)
   and run it, so the real kernels run, not NumPy copies of them;
+* devices are numbered (``DEVICE_COUNT``, 1 unless a test sets more; ``cuda.Device(i)`` as a context
+  manager, ``cuda.runtime.getDevice``/``setDevice``), and a compiled module launches its kernels only on
+  the device that was current when it was created, as a CUDA function handle does (CuPy's own RawKernel
+  would quietly load the module again; the engine keys its cache by device instead of relying on that);
+* ``CUPY_STANDIN_BREAK=device`` or ``=nvrtc`` (environment) breaks it on purpose, as a machine without a
+  usable CUDA device or without a working NVRTC is broken, to check that nothing mistakes that for a GPU;
 * ``COUNTS`` counts device calls (every operation, allocation and kernel launch), kernel launches,
   host<->device transfers (and their bytes) and syncs; ``reset_counts()`` starts afresh.
 
-What it cannot check: timing, memory limits, asynchrony (every call completes at once), and the numerics of
-cuBLAS, whose sums may be ordered differently from NumPy's.
+What it cannot check: timing, memory limits, asynchrony (every call completes at once), the numerics of
+cuBLAS, whose sums may be ordered differently from NumPy's, and the flushing of float32 subnormals to zero
+in every kernel CuPy compiles (it adds ``-ftz=true`` to NVRTC's options; g++ here keeps subnormals).
 """
 from __future__ import annotations
 
@@ -30,15 +39,15 @@ import numpy as np
 
 from cuda_cpp import CppModule
 
-__version__ = "13.6.0 (CPU stand-in)"
+# The CuPy versions whose public names the stand-in allows: a name must be in every list.
+_NAME_LISTS = {"13.6.0": "cupy_names.txt", "14.2.0": "cupy_names_14.txt"}
+__version__ = " and ".join(_NAME_LISTS) + " names (CPU stand-in)"
 STANDIN = True
 
-_NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cupy_names.txt")
 
-
-def _read_names():
+def _read_names(filename):
     sections = collections.defaultdict(set)
-    with open(_NAMES_FILE) as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
                 section, name = line.split()
@@ -46,8 +55,20 @@ def _read_names():
     return sections
 
 
-_NAMES = _read_names()
-MODULE_NAMES, ARRAY_NAMES = _NAMES["cupy"], _NAMES["cupy.ndarray"]
+_NAMES_BY_VERSION = {version: _read_names(filename) for version, filename in _NAME_LISTS.items()}
+
+
+def _common_names(section):
+    return set.intersection(*(names[section] for names in _NAMES_BY_VERSION.values()))
+
+
+def _missing(section, name):
+    """Why ``name`` is not allowed, for its AttributeError: 'CuPy 14.2.0 lacks it' (or both versions)."""
+    lacking = [version for version, names in _NAMES_BY_VERSION.items() if name not in names[section]]
+    return f"CuPy {' and '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} it"
+
+
+MODULE_NAMES, ARRAY_NAMES = _common_names("cupy"), _common_names("cupy.ndarray")
 
 COUNTS = collections.Counter()
 
@@ -168,7 +189,7 @@ class ndarray:
 
     def __getattr__(self, name):
         if name not in ARRAY_NAMES:
-            raise AttributeError(f"cupy.ndarray has no attribute {name!r} (CuPy 13.6)")
+            raise AttributeError(f"cupy.ndarray has no attribute {name!r} ({_missing('cupy.ndarray', name)})")
         method, view_of = getattr(self._data, name), self._data if name in _VIEWS else None
         return lambda *args, **kwargs: _device_call(method, *args, _view_of=view_of, **kwargs)
 
@@ -210,18 +231,48 @@ def asnumpy(a, stream=None, order="C", out=None):
     return a.get(order=order) if isinstance(a, ndarray) else np.asarray(a, order=order)
 
 
+# ----- breaking it on purpose ----------------------------------------------------------------------------
+
+_BREAKS = {
+    "device": "cudaErrorNoDevice: no CUDA-capable device is detected",
+    "nvrtc": "nvrtc: error: failed to open libnvrtc-builtins.so.13: cannot open shared object file",
+}
+
+
+def _broken(part):
+    """Raise as a machine broken in ``part`` would, where ``CUPY_STANDIN_BREAK`` names that part."""
+    which = os.environ.get("CUPY_STANDIN_BREAK", "")
+    if which and which not in _BREAKS:
+        raise ValueError(f"CUPY_STANDIN_BREAK={which!r}: expected one of {', '.join(_BREAKS)} (or unset)")
+    if which == part:
+        raise CUDARuntimeError(f"{_BREAKS[part]} (the CPU stand-in, broken on purpose: CUPY_STANDIN_BREAK={part})")
+
+
+class CUDARuntimeError(RuntimeError):   # cupy.cuda.runtime.CUDARuntimeError
+    pass
+
+
 # ----- kernels ------------------------------------------------------------------------------------------
 
 class RawModule:
-    """``cupy.RawModule(code=..., options=...)``: the CUDA source compiled as C++ and run on the CPU."""
+    """``cupy.RawModule(code=..., options=...)``: the CUDA source compiled as C++ and run on the CPU.
+
+    ``device_id`` is the device that was current when the module was made: its kernels refuse to
+    launch on another one, as a CUDA module's function handles do.
+    """
 
     def __init__(self, code, options=(), **kwargs):
+        _broken("nvrtc")
+        self.device_id = _CURRENT["device"]
         self._module = CppModule(code, options)
 
     def get_function(self, name):
         kernel = self._module.get_function(name)
 
         def launch(grid, block, args, **kwargs):
+            if _CURRENT["device"] != self.device_id:
+                raise CUDARuntimeError(f"cudaErrorInvalidResourceHandle: kernel {name} of a module loaded on "
+                                       f"device {self.device_id} launched on device {_CURRENT['device']}")
             COUNTS["calls"] += 1
             COUNTS["launches"] += 1
             for arg in args:
@@ -236,35 +287,49 @@ def RawKernel(code, name, options=(), **kwargs):   # noqa: N802 (CuPy's name)
 
 # ----- the CUDA runtime, as far as the engine asks ------------------------------------------------------
 
+DEVICE_COUNT = 1          # how many devices the stand-in has (a test may set more)
+_CURRENT = {"device": 0}  # the current device of this (single-threaded) process
+
+
+def _device_count():
+    _broken("device")
+    return DEVICE_COUNT
+
+
+def _set_device(device):
+    if not 0 <= int(device) < _device_count():
+        raise CUDARuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {device} ({DEVICE_COUNT} devices)")
+    _CURRENT["device"] = int(device)
+
+
 class _Device:
-    def __init__(self, device=0):
-        self.id = device
+    """cupy.cuda.Device: ``Device()`` is the current one; ``with Device(i):`` makes i current, then restores."""
+
+    def __init__(self, device=None):
+        self.id = _CURRENT["device"] if device is None else int(device)
+        self._previous = []
 
     def synchronize(self):
         COUNTS["syncs"] += 1
 
+    def use(self):
+        _set_device(self.id)
+
     def __enter__(self):
+        self._previous.append(_CURRENT["device"])
+        _set_device(self.id)
         return self
 
     def __exit__(self, *exc):
+        _CURRENT["device"] = self._previous.pop()
         return False
 
 
-class _MemoryPool:
-    def used_bytes(self):
-        return 0
+_POOL = types.SimpleNamespace(used_bytes=lambda: 0, total_bytes=lambda: 0, free_all_blocks=lambda: None)
 
-    def total_bytes(self):
-        return 0
-
-    def free_all_blocks(self):
-        pass
-
-
-_POOL = _MemoryPool()
-
-# cupy._core._routines_linalg's compute-type switch (what CUPY_TF32 sets), as backend.set_tf32 uses it.
-_linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, compute_types={})   # CuPy 13.6's values
+# cupy._core._routines_linalg's compute-type switch (what CUPY_TF32 sets), as backend.set_tf32 uses it;
+# the values are those of CuPy 13.6 and 14.2 alike.
+_linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, compute_types={})
 _linalg.set_compute_type = lambda dtype, compute_type: _linalg.compute_types.__setitem__(np.dtype(dtype), compute_type)
 _core = types.SimpleNamespace(_routines_linalg=_linalg)
 
@@ -275,20 +340,24 @@ def get_default_memory_pool():
 
 cuda = types.SimpleNamespace(
     Device=_Device,
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+    runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError,
+                                  getDeviceCount=_device_count,
+                                  getDevice=lambda: _CURRENT["device"],
+                                  setDevice=_set_device,
                                   getDeviceProperties=lambda device: {"name": b"CPU stand-in for CuPy",
                                                                       "totalGlobalMem": 0}),
 )
 
 
-# ----- everything else: NumPy's function of the same name, if CuPy 13.6 has that name ---------------------
+# ----- everything else: NumPy's function of the same name, if CuPy 13.6 and 14.2 have that name ----------
 
 _OWN = {"asarray", "array", "asnumpy", "RawModule", "RawKernel", "get_default_memory_pool", "cuda", "ndarray"}
 
 
 def __getattr__(name):
     if name not in MODULE_NAMES or not hasattr(np, name):
-        raise AttributeError(f"module 'cupy' has no attribute {name!r} (CuPy 13.6; or the CPU stand-in lacks it)")
+        why = _missing("cupy", name) if name not in MODULE_NAMES else "the CPU stand-in lacks it"
+        raise AttributeError(f"module 'cupy' has no attribute {name!r} ({why})")
     value = getattr(np, name)
     if isinstance(value, type) or not callable(value):
         return value                              # dtypes (cupy.float32 is numpy.float32), constants
@@ -307,14 +376,25 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy._core", _core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", _linalg)
     _linalg.compute_types.clear()
+    monkeypatch.setattr(sys.modules[__name__], "DEVICE_COUNT", DEVICE_COUNT)
+    monkeypatch.setitem(_CURRENT, "device", 0)
     monkeypatch.setattr(backend, "_cupy", module)
     monkeypatch.setattr(backend, "_cupy_error", None)
-    if hasattr(backend, "_gpu_status"):
-        monkeypatch.setattr(backend, "_gpu_status", None)
+    monkeypatch.setattr(backend, "_gpu_status", None)
     gpu._module.cache_clear()
     gpu._kernel.cache_clear()
     reset_counts()
     return module
 
 
-assert _OWN - {"cuda"} <= MODULE_NAMES | {"asnumpy", "ndarray"}, "the stand-in defines a name CuPy lacks"
+def _check_own_names():
+    """Every name the stand-in defines is one that CuPy 13.6 and 14.2 both have."""
+    own = {"cupy": _OWN - {"cuda"}, "cupy.cuda": set(vars(cuda)), "cupy.cuda.runtime": set(vars(cuda.runtime)),
+           "cupy.cuda.Device": {name for name in vars(_Device) if not name.startswith("_")},
+           "cupy._core._routines_linalg": set(vars(_linalg)) - {"compute_types"}}   # compute_types: the record
+    for section, names in own.items():
+        extra = names - _common_names(section)
+        assert not extra, f"the stand-in defines {section} names that not every CuPy has: {sorted(extra)}"
+
+
+_check_own_names()

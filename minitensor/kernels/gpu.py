@@ -6,8 +6,8 @@ Each public function has the signature and semantics of its twin in ``reference.
 How it works: the CUDA source of every kernel in ``_KERNELS`` (one per op whose CUDA column in
 the op table, kernels/table.py, is this file; tests/test_cuda_as_cpp.py checks that the two
 agree) lives below as strings. The first call
-for a dtype compiles them into one ``cupy.RawModule`` (CuPy also caches the binary on
-disk), once for ``float`` and once for ``double``: the source is the same, preceded by
+for a dtype on a device compiles them into one ``cupy.RawModule`` (CuPy also caches the
+binary on disk), once for ``float`` and once for ``double``: the source is the same, preceded by
 ``typedef float scalar_t;`` or ``typedef double scalar_t;``. CuPy itself is never
 imported when this module is: ``backend.cupy_module()`` is asked inside the functions.
 
@@ -202,7 +202,8 @@ extern "C" __global__ void upsample_backward(const scalar_t* dy, scalar_t* dx,
 _ADAM_UPDATE = r"""
 // One thread per element of a parameter: Keras's Adam step, the operations of reference.adam_update
 // in the same order. The module is compiled with --fmad=false, so that no a*b+c is contracted into
-// one rounding: every element gets the bits the NumPy twin gives.
+// one rounding: every element gets the bits the NumPy twin gives, except where a float32 value or
+// intermediate is subnormal (below 2**-126): CuPy compiles with -ftz=true, which flushes it to zero.
 // `guard` is one number on the device (the step's loss): where it is NaN or infinite nothing changes,
 // so a diverged step is never applied and the host need not read the loss first.
 extern "C" __global__ void adam_update(scalar_t* param, const scalar_t* grad, scalar_t* m, scalar_t* v,
@@ -223,6 +224,12 @@ extern "C" __global__ void adam_update(scalar_t* param, const scalar_t* grad, sc
 _KERNELS = (_IM2COL, _COL2IM, _MAXPOOL_FORWARD, _MAXPOOL_BACKWARD, _UPSAMPLE_FORWARD, _UPSAMPLE_BACKWARD,
             _ADAM_UPDATE)
 # No multiply-add contraction (see adam_update); the other kernels do no float multiply-adds at all.
+# CuPy appends -ftz=true after these options for every NVRTC compile (cupy/cuda/compiler.py,
+# _compile_with_cache_cuda, in 13.6 and 14.2), so every float32 add, multiply, divide, sqrt and
+# comparison flushes subnormal inputs and results to zero (NVRTC then emits add.rn.ftz.f32,
+# setp.gt.ftz.f32, ...); float64 is not affected. So in float32 the sums of col2im, maxpool_backward
+# and upsample_backward, maxpool_forward's comparisons and adam_update match the reference bit for
+# bit except where a value is subnormal; the copies (im2col, upsample_forward) are always exact.
 _NVRTC_OPTIONS = ("--fmad=false",)
 
 # -infinity without <math.h> (NVRTC compiles without the C library headers): the IEEE bits of +inf.
@@ -244,15 +251,26 @@ def cuda_sources() -> dict[str, str]:
 
 
 @functools.cache
-def _module(c_type: str):
-    """All kernels for one C type, compiled on first use and kept for the process."""
+def _module(c_type: str, device: int):
+    """All kernels for one C type on one device, compiled on first use there and kept for the process.
+
+    Keyed by device because a CUDA module and its function handles belong to the context of the device
+    that loaded them; with one process driving several GPUs (or one rank per GPU picking its device after
+    import) each device gets its own. CuPy's RawKernel happens to load itself again per device too; this
+    key keeps the engine right without relying on that.
+    """
     return cupy_module().RawModule(code=cuda_source(c_type), options=_NVRTC_OPTIONS)
 
 
 @functools.cache
-def _kernel(name: str, c_type: str):
-    """One compiled kernel, looked up once."""
-    return _module(c_type).get_function(name)
+def _kernel(name: str, c_type: str, device: int):
+    """One compiled kernel of one device, looked up once."""
+    return _module(c_type, device).get_function(name)
+
+
+def _current_kernel(name: str, c_type: str):
+    """Kernel ``name`` compiled for the current CUDA device (``cudaGetDevice``: no sync, no context switch)."""
+    return _kernel(name, c_type, cupy_module().cuda.runtime.getDevice())
 
 
 def _launch(name: str, dtype, n_threads: int, arrays, sizes):
@@ -262,7 +280,7 @@ def _launch(name: str, dtype, n_threads: int, arrays, sizes):
     blocks = (n_threads + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK
     # CuPy would pass a Python int as a 64-bit integer; the kernels take 32-bit ints.
     args = tuple(arrays) + tuple(np.int32(size) for size in sizes)
-    _kernel(name, _C_TYPES[np.dtype(dtype)])((blocks,), (_THREADS_PER_BLOCK,), args)
+    _current_kernel(name, _C_TYPES[np.dtype(dtype)])((blocks,), (_THREADS_PER_BLOCK,), args)
 
 
 def _check_pixels(*shapes):
@@ -355,7 +373,8 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
     Performance contract: one kernel launch and no temporary per parameter (the array code
     takes 12 elementwise launches and 2 allocations); each element of param, grad, m and v is
     read once and param, m and v written once; ``guard`` is checked on the device, never read
-    back. Bit-identical to the reference (--fmad=false).
+    back. Bit-identical to the reference (--fmad=false), except that in float32 a subnormal value or
+    intermediate is flushed to zero (CuPy compiles with -ftz=true; see _NVRTC_OPTIONS).
     """
     cupy = cupy_module()
     guard = cupy.zeros((), param.dtype) if guard is None else cupy.ascontiguousarray(guard, dtype=param.dtype)
@@ -367,7 +386,7 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
         return
     scalar = np.dtype(param.dtype).type
     blocks = (param.size + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK
-    _kernel("adam_update", _C_TYPES[np.dtype(param.dtype)])(
+    _current_kernel("adam_update", _C_TYPES[np.dtype(param.dtype)])(
         (blocks,), (_THREADS_PER_BLOCK,),
         (param, grad, m, v, scalar(step_size), scalar(one_minus_beta_1), scalar(one_minus_beta_2), scalar(epsilon),
          guard, np.int64(param.size)))
