@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.worker import gpu_required
 from bench.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,5 +328,11 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"\nwrote {args.json}")
-    failed = [r for r in report["results"] if r.get("status") == "error"]
+    # With MINITENSOR_REQUIRE_GPU=1 (bench/gpu_check.sh) a GPU run whose engine could not use the GPU fails;
+    # the worker already reports it as an error, this also covers a result that says "unavailable".
+    required = args.device == "gpu" and gpu_required()
+    failed = [r for r in report["results"]
+              if r.get("status") == "error" or (required and r.get("status") == "unavailable")]
+    for r in failed:
+        print(f"FAILED: {r['engine']} on {r['workload']}: {r.get('error')}", file=sys.stderr)
     return 1 if failed else 0

@@ -29,7 +29,14 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 class Unavailable(Exception):
-    """The engine cannot run here (not installed, or no GPU for it); not a failure of the benchmark."""
+    """The engine cannot run here (not installed, or no GPU for it); not a failure of the benchmark,
+    except on ``--device gpu`` with ``MINITENSOR_REQUIRE_GPU=1`` (bench/gpu_check.sh), where it is an error."""
+
+
+def gpu_required():
+    """MINITENSOR_REQUIRE_GPU=1 in the environment, as ``minitensor.backend.gpu_required`` reads it; read here
+    without importing minitensor, whose import sets CPU thread defaults that the other engines must not get."""
+    return os.environ.get("MINITENSOR_REQUIRE_GPU", "").strip() == "1"
 
 
 def rss_bytes():
@@ -273,6 +280,10 @@ def run(args):
         engine = ENGINES[args.engine](workload, args, x, y, info)
     except Unavailable as exc:
         info.update(status="unavailable", error=str(exc))
+        if args.device == "gpu" and gpu_required():
+            # gpu_check.sh on a GPU machine: a GPU run that cannot use the GPU must not look like a pass
+            info.update(status="error", error=f"{exc} (MINITENSOR_REQUIRE_GPU=1: on --device gpu, "
+                                              f"unavailable counts as an error)")
         return info
     times, losses = time_steps(engine["step"], engine["sync"], args.warmup, args.steps, log)
     if "after_timing" in engine:

@@ -10,6 +10,8 @@ Devices are named ``"cpu"`` and ``"gpu"``.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 CPU = "cpu"
@@ -17,9 +19,11 @@ GPU = "gpu"
 DEVICES = (CPU, GPU)
 
 _INSTALL_HINT = (
-    "install CuPy for your CUDA version (for CUDA 12: pip install 'minitensor[gpu]', "
-    "which installs cupy-cuda12x) on a machine with an NVIDIA GPU"
+    "install CuPy for your CUDA version on a machine with an NVIDIA GPU: pip install 'minitensor[gpu-cuda12]' "
+    "(cupy-cuda12x) for CUDA 12, 'minitensor[gpu-cuda13]' (cupy-cuda13x) for CUDA 13"
 )
+# What NVRTC and cuBLAS come with: the toolkit of the CUDA major version that CuPy was built for.
+_TOOLKIT_HINT = "install the CUDA toolkit of your CuPy's CUDA version (12 for cupy-cuda12x, 13 for cupy-cuda13x)"
 
 _USE_THE_CPU = "or train on the CPU (--device cpu)"
 
@@ -91,16 +95,15 @@ def _probe_gpu():
         kernel_ok = x.get().tolist() == [1.0, 3.0, 5.0, 7.0]
     except Exception as exc:
         return False, (f"CUDA kernels cannot be compiled or run: NVRTC or the driver failed ({type(exc).__name__}: "
-                       f"{exc}); install the CUDA 12 toolkit (it brings NVRTC) or a CuPy build for this "
-                       f"machine's CUDA")
+                       f"{exc}); {_TOOLKIT_HINT}, which brings NVRTC, or the CuPy build for this machine's CUDA")
     if not kernel_ok:
         return False, "a test kernel ran but gave wrong numbers: the GPU or its driver is not usable"
     try:
         a = cupy.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
         gemm_ok = (a @ a.T).get().tolist() == [[5.0, 14.0], [14.0, 50.0]]
     except Exception as exc:
-        return False, (f"cuBLAS cannot run a matrix product ({type(exc).__name__}: {exc}); install the CUDA 12 "
-                       f"toolkit (it brings cuBLAS)")
+        return False, (f"cuBLAS cannot run a matrix product ({type(exc).__name__}: {exc}); {_TOOLKIT_HINT}, "
+                       f"which brings cuBLAS")
     if not gemm_ok:
         return False, "a cuBLAS matrix product gave wrong numbers: the GPU is not usable"
     return True, ""
@@ -109,6 +112,21 @@ def _probe_gpu():
 def is_gpu_available() -> bool:
     """True when a GPU really works: CuPy imports, sees a device, compiles and runs a kernel and a GEMM."""
     return gpu_status()[0]
+
+
+REQUIRE_GPU_VARIABLE = "MINITENSOR_REQUIRE_GPU"
+
+
+def gpu_required() -> bool:
+    """True when the environment says a GPU must be used (``MINITENSOR_REQUIRE_GPU=1``, set by
+    bench/gpu_check.sh on a GPU machine): the test suite and the benchmark then fail, naming
+    ``gpu_status()``'s reason, where they would otherwise run the gpu tests on the CPU stand-in or
+    report the GPU as unavailable. The engine itself never falls back: ``--device gpu`` fails anyway.
+    """
+    value = os.environ.get(REQUIRE_GPU_VARIABLE, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{REQUIRE_GPU_VARIABLE}={value!r}: expected 1 (a GPU must be used) or 0 / unset")
+    return value == "1"
 
 
 def require_gpu():
@@ -124,7 +142,8 @@ def set_tf32(enabled: bool) -> None:
     float32 sums), or not. Off by default: strict float32, what the tests and TensorFlow
     comparisons assume. It sets CuPy's float32 compute type for the current device (what
     CUPY_TF32=1 sets at import), so it applies to every GEMM after the call; GPUs older than
-    Ampere keep strict float32.
+    Ampere keep strict float32. ``set_compute_type(dtype, compute_type)`` and the constants
+    (DEFAULT 1, TF32 7) are the same in CuPy 13.6 and 14.2 (checked in both wheels).
     """
     require_gpu()
     from cupy._core import _routines_linalg as linalg   # CuPy's switch behind CUPY_TF32 (13.x and 14.x)

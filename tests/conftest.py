@@ -26,9 +26,28 @@ def keras(tf):
     return keras_module
 
 
+def pytest_configure(config):
+    """With ``MINITENSOR_REQUIRE_GPU=1`` (bench/gpu_check.sh sets it) a GPU that is not usable stops the
+    session before any test runs, naming why: the gpu tests must not pass quietly on the CPU stand-in."""
+    if backend.gpu_required() and not backend.is_gpu_available():
+        raise pytest.UsageError(
+            f"{backend.REQUIRE_GPU_VARIABLE}=1 but the GPU is not usable: {backend.gpu_status()[1]}. "
+            f"Without {backend.REQUIRE_GPU_VARIABLE} the gpu tests would run on the CPU stand-in for CuPy instead.")
+
+
+def pytest_report_header(config):
+    if not backend.is_gpu_available():
+        where = "the CPU stand-in for CuPy (tests/cupy_standin.py)" if shutil.which("g++") else "nowhere (skipped)"
+        return f"gpu tests run on: {where}; no usable GPU: {backend.gpu_status()[1]}"
+    cupy = backend.cupy_module()
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
+    return f"gpu tests run on: {name.decode() if isinstance(name, bytes) else name} (CuPy {cupy.__version__})"
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run on the real GPU where one is usable, else on the CPU stand-in for CuPy
-    (tests/cupy_standin.py, which needs g++ for the CUDA kernels); only without either are they skipped."""
+    (tests/cupy_standin.py, which needs g++ for the CUDA kernels); only without either are they skipped.
+    ``MINITENSOR_REQUIRE_GPU=1`` allows the real GPU only (``pytest_configure``)."""
     if backend.is_gpu_available() or shutil.which("g++"):
         return
     skip = pytest.mark.skip(reason=f"no usable GPU ({backend.gpu_status()[1]}) and no g++ for the CPU stand-in")

@@ -60,6 +60,48 @@ def test_the_standin_counts_reads_of_device_memory(gpu_backend):
     assert cupy.COUNTS["calls"] == before
 
 
+def test_the_standin_allows_only_names_that_cupy_13_and_14_both_have():
+    """cupy_names.txt (13.6, the gpu-cuda12 extra's) and cupy_names_14.txt (14.2, what the GPU machine has):
+    a name of one of them only is an AttributeError that says which CuPy lacks it."""
+    versions = cupy_standin._NAMES_BY_VERSION
+    assert list(versions) == ["13.6.0", "14.2.0"]
+    assert all(len(names["cupy"]) > 400 and len(names["cupy.ndarray"]) > 50 for names in versions.values())
+    assert "sparse" in versions["13.6.0"]["cupy"] and "sparse" not in versions["14.2.0"]["cupy"]
+    with pytest.raises(AttributeError, match=r"'sparse' \(CuPy 14.2.0 lacks it\)"):
+        cupy_standin.sparse
+    with pytest.raises(AttributeError, match=r"'mT' \(CuPy 13.6.0 lacks it\)"):
+        cupy_standin.asarray(np.zeros((2, 2), np.float32)).mT
+    used = {"cupy.cuda.runtime": ("getDevice", "getDeviceCount", "getDeviceProperties"),   # by backend, gpu.py
+            "cupy._core._routines_linalg": ("set_compute_type", "COMPUTE_TYPE_TF32", "COMPUTE_TYPE_DEFAULT")}
+    for section, names in used.items():
+        for name in names:
+            assert all(name in version[section] for version in versions.values()), (section, name)
+
+
+@pytest.mark.gpu
+def test_each_device_gets_its_own_compiled_kernels(gpu_backend, monkeypatch):
+    """gpu._module is keyed by device: a module's kernels belong to the device it was loaded on (the stand-in
+    refuses a launch anywhere else, as a CUDA function handle does), so one rank per GPU, or one process
+    switching devices, runs each device's own copy."""
+    from minitensor.kernels import gpu, reference
+
+    cupy = backend.cupy_module()
+    if gpu_backend is not None:
+        monkeypatch.setattr(gpu_backend, "DEVICE_COUNT", 2)
+    elif cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU here; the stand-in checks this with two devices")
+    x = np.arange(2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
+    for device in (0, 1, 0):
+        with cupy.cuda.Device(device):
+            np.testing.assert_array_equal(gpu.upsample_forward(cupy.asarray(x), 2, 2).get(),
+                                          reference.upsample_forward(x, 2, 2))
+    assert gpu._module("float", 0) is not gpu._module("float", 1)
+    if gpu_backend is not None:
+        assert [gpu._module("float", device).device_id for device in (0, 1)] == [0, 1]
+        with pytest.raises(gpu_backend.cuda.runtime.CUDARuntimeError, match="invalid device ordinal"):
+            gpu_backend.cuda.Device(2).use()
+
+
 # ----- one training step on the device ---------------------------------------------------------------------
 
 # The budget of one small_unet train_on_batch (32x32, batch 2, bce-logits), counted on the stand-in:
@@ -201,6 +243,15 @@ def test_a_gpu_that_cannot_compute_is_not_available(monkeypatch, capsys, tmp_pat
         backend.resolve_device("gpu")
     assert train.main(["--device", "gpu", "--epochs", "1", "--data", str(tmp_path / "d")]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,required", [("", False), ("0", False), ("1", True), (" 1 ", True)])
+def test_minitensor_require_gpu_is_read_strictly(monkeypatch, value, required):
+    monkeypatch.setenv("MINITENSOR_REQUIRE_GPU", value)
+    assert backend.gpu_required() is required
+    monkeypatch.setenv("MINITENSOR_REQUIRE_GPU", "yes")
+    with pytest.raises(ValueError, match="MINITENSOR_REQUIRE_GPU='yes': expected 1"):
+        backend.gpu_required()
 
 
 def test_the_probe_runs_once_per_process(monkeypatch):
