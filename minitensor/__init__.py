@@ -7,8 +7,8 @@ model.py -> saving.py. ``python -m minitensor.gradcheck --all`` checks every bac
 from . import cpu_runtime  # noqa: F401  (first: it sets CPU defaults that OpenBLAS reads when NumPy loads)
 from . import backend, kernels, layers, losses, optimizers
 from .backend import get_array_module, is_gpu_available, to_device, to_numpy
-from .layers import (Concatenate, Conv2D, Cropping2D, Input, MaxPool2D, MaxPooling2D, ReLU, Softmax,
-                     UpSampling2D, set_seed)
+from .layers import (Concatenate, Conv2D, Cropping2D, Input, Layer, MaxPool2D, MaxPooling2D, ReLU, Softmax,
+                     UpSampling2D, register_layer, set_seed)
 from .files import ModelFileError
 from .model import Model
 from .saving import load_model
@@ -16,7 +16,7 @@ from .saving import load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "Concatenate", "Conv2D", "Cropping2D", "Input", "MaxPool2D", "MaxPooling2D", "Model", "ModelFileError",
+    "Concatenate", "Conv2D", "Cropping2D", "Input", "Layer", "MaxPool2D", "MaxPooling2D", "Model", "ModelFileError",
     "ReLU", "Softmax", "UpSampling2D", "backend", "get_array_module", "is_gpu_available", "kernels", "layers",
-    "load_model", "losses", "optimizers", "set_seed", "to_device", "to_numpy",
+    "load_model", "losses", "optimizers", "register_layer", "set_seed", "to_device", "to_numpy",
 ]

@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import json
 
-from . import backend, layers as layer_module, optimizers as optimizer_module
+from . import backend, optimizers as optimizer_module
 from .files import ModelFileError, read_npz, with_prefix
-from .layers.base import InputLayer, SymbolicTensor
+from .layers.base import LAYER_CLASSES, InputLayer, SymbolicTensor
 from .model import Model
 
-_LAYER_CLASSES = {cls.__name__: cls for cls in (
-    layer_module.Conv2D, layer_module.MaxPool2D, layer_module.UpSampling2D, layer_module.Cropping2D,
-    layer_module.Concatenate, layer_module.ReLU, layer_module.Softmax, InputLayer)}
+
+def layer_class(name, custom_objects=None):
+    """The layer class a model file names: the caller's ``custom_objects`` first, then the registry."""
+    cls = (custom_objects or {}).get(name) or LAYER_CLASSES.get(name)
+    if cls is None:
+        raise ModelFileError(f"unknown layer class {name!r} in the model file: if it is your own layer, pass "
+                             f"load_model(path, custom_objects={{{name!r}: {name}}}) or decorate the class "
+                             f"with @minitensor.register_layer; minitensor has {', '.join(sorted(LAYER_CLASSES))}")
+    return cls
 
 
-def model_from_config(config):
-    """Rebuild a Model from ``Model.get_config()``."""
+def model_from_config(config, custom_objects=None):
+    """Rebuild a Model from ``Model.get_config()``; ``custom_objects`` maps class names to a user's layers."""
     tensors = {}
     for entry in config["layers"]:
-        cls = _LAYER_CLASSES.get(entry["class_name"])
-        if cls is None:
-            raise ModelFileError(f"unknown layer class {entry['class_name']!r} in the model file")
+        cls = layer_class(entry["class_name"], custom_objects)
         layer_config = dict(entry["config"])
         if cls is InputLayer:
             layer = InputLayer(layer_config.pop("shape"), **layer_config)
@@ -36,17 +40,19 @@ def model_from_config(config):
     return Model(tensors[first], tensors[last], name=config["name"])
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", custom_objects=None):
     """Load a model saved with ``Model.save``: architecture, weights and (if saved) optimizer state.
 
-    Returns the model; the ``extra`` training state saved with it is in ``model.saved_extra``.
+    ``custom_objects`` ({class name: class}) names layers of your own that are not registered
+    (``minitensor.register_layer``). Returns the model; the ``extra`` training state saved with it
+    is in ``model.saved_extra``.
     """
     data = read_npz(path)
     if "config" not in data:
         raise ModelFileError(f"{path}: has no model architecture (was it written by Model.save?)")
     try:
         config = json.loads(str(data["config"]))
-        model = model_from_config(config)
+        model = model_from_config(config, custom_objects)
     except ModelFileError:
         raise
     except Exception as exc:

@@ -286,3 +286,61 @@ def test_training_skips_the_input_gradient_but_not_the_weight_gradients():
     assert model.backward(dout, input_grad=False) is None
     for a, b in zip(full, model.grads):
         np.testing.assert_array_equal(a, b)
+
+
+# ----- the layer registry: a saved model names its layers' classes ---------------------------------------
+
+class Doubling(layers.Layer):
+    """A user's layer: y = 2x, dx = 2 dy (no weights)."""
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def build(self, input_shape):
+        self.input_shape = tuple(input_shape)
+        self.built = True
+
+    def forward(self, x, training=False):
+        return 2 * x
+
+    def backward(self, dy, input_grad=True):
+        return 2 * dy
+
+
+def doubling_model():
+    inputs = Input((4, 4, 2))
+    return Model(inputs, Doubling(name="double")(Conv2D(3, 1, name="conv", seed=1)(inputs)))
+
+
+def test_a_users_layer_loads_with_custom_objects_or_registration(tmp_path):
+    model = doubling_model()
+    model.save(tmp_path / "m.npz")
+    with pytest.raises(ModelFileError) as caught:
+        mt.load_model(tmp_path / "m.npz")
+    message = str(caught.value)
+    assert "unknown layer class 'Doubling'" in message and "custom_objects={'Doubling': Doubling}" in message
+    assert "@minitensor.register_layer" in message and "Conv2D" in message
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 2)).astype(np.float32)
+    loaded = mt.load_model(tmp_path / "m.npz", custom_objects={"Doubling": Doubling})
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    try:
+        mt.register_layer(Doubling)
+        np.testing.assert_array_equal(mt.load_model(tmp_path / "m.npz").predict(x), model.predict(x))
+        other = type("Doubling", (layers.Layer,), {})
+        with pytest.raises(ValueError, match="a layer class named 'Doubling' is registered already"):
+            mt.register_layer(other)
+    finally:
+        layers.LAYER_CLASSES.pop("Doubling", None)
+
+
+def test_every_registered_layer_has_a_gradient_check_example(monkeypatch):
+    """The registry is the one list of layers; python -m minitensor.gradcheck must cover each."""
+    from minitensor import gradcheck
+
+    checked = set()
+    monkeypatch.setattr(gradcheck, "check_layer", lambda layer, *a, **k: checked.add(type(layer)))
+    monkeypatch.setattr(gradcheck, "check_loss", lambda *a, **k: None)
+    monkeypatch.setattr(gradcheck, "check_model", lambda *a, **k: None)
+    for run in gradcheck.EXAMPLES.values():
+        run(np.random.default_rng(0), 2)
+    assert set(layers.LAYER_CLASSES.values()) - {layers.InputLayer} <= checked

@@ -5,7 +5,7 @@ conv2d.py (Conv2D), pooling.py (MaxPool2D), upsampling.py (UpSampling2D), croppi
 contract, Input and the symbolic tensors of the model graph).
 """
 from .activations import ReLU, Softmax
-from .base import Input, InputLayer, Layer, SymbolicTensor, set_seed
+from .base import LAYER_CLASSES, Input, InputLayer, Layer, SymbolicTensor, register_layer, set_seed
 from .conv2d import Conv2D
 from .cropping import Cropping2D
 from .merge import Concatenate
@@ -16,6 +16,6 @@ from .upsampling import UpSampling2D
 MaxPooling2D = MaxPool2D
 
 __all__ = [
-    "Concatenate", "Conv2D", "Cropping2D", "Input", "InputLayer", "Layer", "MaxPool2D", "MaxPooling2D",
-    "ReLU", "Softmax", "SymbolicTensor", "UpSampling2D", "set_seed",
+    "LAYER_CLASSES", "Concatenate", "Conv2D", "Cropping2D", "Input", "InputLayer", "Layer", "MaxPool2D",
+    "MaxPooling2D", "ReLU", "Softmax", "SymbolicTensor", "UpSampling2D", "register_layer", "set_seed",
 ]

@@ -111,12 +111,39 @@ class SymbolicTensor:
         return f"<SymbolicTensor shape=(None, {', '.join(map(str, self.shape))}) from {self.producer.name!r}>"
 
 
+# Every layer class a saved model can name, by class name: minitensor's own register themselves
+# (Layer.__init_subclass__); a user's layer is added by ``register_layer`` or passed to
+# ``load_model(..., custom_objects=...)``, as Keras does it.
+LAYER_CLASSES: dict[str, type] = {}
+
+
+def register_layer(cls):
+    """Make a Layer subclass loadable by ``load_model`` under its class name (usable as a decorator).
+
+    A second, different class of the same name is refused: a saved model must name one class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"register_layer takes a Layer subclass, got {cls!r}")
+    known = LAYER_CLASSES.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise ValueError(f"a layer class named {cls.__name__!r} is registered already ({known.__module__}."
+                         f"{known.__qualname__}); rename {cls.__module__}.{cls.__qualname__}")
+    LAYER_CLASSES[cls.__name__] = cls
+    return cls
+
+
 class Layer:
     """Base class: naming, dtype, parameters, device, the symbolic call, weight I/O.
 
     Subclasses implement ``build(input_shape)`` (create params), ``compute_output_shape``,
-    ``forward`` and ``backward``.
+    ``forward`` and ``backward``; minitensor's own subclasses are registered for loading as they
+    are defined (a user's: ``register_layer``).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("minitensor."):
+            register_layer(cls)
 
     #: names of the weights in get_weights() order, as Keras and .h5 files call them
     weight_names: tuple[str, ...] = ()
