@@ -4,8 +4,11 @@ NumPy on the CPU (hot kernels in numba), CuPy on the GPU; NHWC data and HWIO ker
 Keras. Read it bottom-up: backend.py -> kernels/ -> layers/, losses.py, optimizers.py ->
 model.py -> saving.py. ``python -m minitensor.gradcheck --all`` checks every backward pass numerically.
 """
-from . import cpu_runtime  # noqa: F401  (first: it sets CPU defaults that OpenBLAS reads when NumPy loads)
-from . import backend, kernels, layers, losses, optimizers
+from . import cpu_runtime
+
+cpu_runtime.apply_before_numpy()   # first: CPU settings that OpenBLAS reads when NumPy loads (cpu_runtime.py)
+
+from . import backend, kernels, layers, losses, optimizers  # noqa: E402  (after the CPU settings)
 from .backend import get_array_module, is_gpu_available, to_device, to_numpy
 from .layers import (Concatenate, Conv2D, Cropping2D, Input, Layer, MaxPool2D, MaxPooling2D, ReLU, Softmax,
                      UpSampling2D, register_layer, set_seed)

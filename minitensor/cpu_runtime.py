@@ -1,8 +1,9 @@
 """Process settings that decide minitensor's CPU speed: the two thread pools, and big arrays' memory.
 
-They are applied when minitensor is imported, must come before NumPy is imported to take full
-effect (``train.py``, ``predict.py`` and ``unet`` import minitensor first), and are skipped
-altogether with ``MINITENSOR_CPU_DEFAULTS=0``. ``status()`` says what is in effect; the
+They are applied by ``apply_before_numpy()``, the first thing ``import minitensor`` does, and must
+come before NumPy is imported to take full effect (``train.py``, ``predict.py`` and ``unet`` import
+minitensor first; a program that imported NumPy first gets one CPUSettingsWarning saying so), and
+are skipped altogether with ``MINITENSOR_CPU_DEFAULTS=0``. ``status()`` says what is in effect; the
 benchmark prints it. What each setting bought, measured, is in docs/benchmarks.md ("Process settings").
 
 Thread pools. A training step alternates between numba's pool (the ``prange`` kernels:
@@ -33,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 THREAD_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4          # from glibc's malloc.h
@@ -57,14 +59,32 @@ def _keep_freed_memory() -> bool:
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
 
 
-if ENABLED:
-    for _name, _value in THREAD_DEFAULTS.items():
-        if _name == "OPENBLAS_THREAD_TIMEOUT" and NUMPY_WAS_LOADED_FIRST:
+class CPUSettingsWarning(RuntimeWarning):
+    """NumPy was loaded before minitensor, so a CPU setting could not apply (training runs slower)."""
+
+
+KEEPS_FREED_MEMORY = False
+
+
+def apply_before_numpy():
+    """Apply the settings above (minitensor/__init__.py calls this first, before it imports NumPy).
+
+    Where NumPy was loaded already (``import numpy`` before ``import minitensor``), OpenBLAS has
+    read its environment: say so once, with the fix, rather than run slower without a word.
+    """
+    global KEEPS_FREED_MEMORY
+    if not ENABLED:
+        return
+    for name, value in THREAD_DEFAULTS.items():
+        if name == "OPENBLAS_THREAD_TIMEOUT" and NUMPY_WAS_LOADED_FIRST:
             continue                   # too late to matter; do not pretend it was applied
-        os.environ.setdefault(_name, _value)
+        os.environ.setdefault(name, value)
     KEEPS_FREED_MEMORY = _keep_freed_memory()
-else:
-    KEEPS_FREED_MEMORY = False
+    if NUMPY_WAS_LOADED_FIRST and "OPENBLAS_THREAD_TIMEOUT" not in _SET_BY_USER:
+        warnings.warn("NumPy was imported before minitensor, so OpenBLAS's idle threads will spin instead of "
+                      "sleeping (a slower CPU training step; docs/benchmarks.md, 'Process settings'): import "
+                      "minitensor first, or export OPENBLAS_THREAD_TIMEOUT=4 (MINITENSOR_CPU_DEFAULTS=0 "
+                      "silences this)", CPUSettingsWarning, stacklevel=3)
 
 
 def _numba_uses_openmp():

@@ -5,6 +5,7 @@ import shutil
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # oneDNN reorders float sums; keep TF's reference kernels
 
+import minitensor  # noqa: F401  before NumPy, as train.py does (minitensor/cpu_runtime.py)
 import numpy as np
 import pytest
 
@@ -70,12 +71,6 @@ def gpu_backend(request, monkeypatch):
     gpu._kernel.cache_clear()
 
 
-def rel_error(actual, expected):
-    """max |actual - expected| / max |expected|: the normwise relative error used across the tests."""
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(np.max(np.abs(expected), initial=0.0), 1e-30)
-    return float(np.max(np.abs(actual - expected), initial=0.0) / scale)
 @pytest.fixture
 def fast_kernels():
     """numba / CUDA and the 'auto' convolution choice for one test, whatever MINITENSOR_KERNELS /
@@ -89,3 +84,9 @@ def fast_kernels():
     kernels.use_reference(previous)
 
 
+def rel_error(actual, expected):
+    """max |actual - expected| / max |expected|: the normwise relative error used across the tests."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(np.max(np.abs(expected), initial=0.0), 1e-30)
+    return float(np.max(np.abs(actual - expected), initial=0.0) / scale)
