@@ -174,3 +174,34 @@ def test_original_unet_trains_on_mirror_padded_images(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r").glob("1?.png")) == ["10.png", "11.png"]
     import cv2
     assert cv2.imread(str(tmp_path / "r" / "10.png")).shape == (32, 32, 3)
+
+
+def test_epoch_losses_are_means_over_images_not_over_batches(tmp_path, monkeypatch):
+    """17 training images in batches of 4 (the last holds 1) and 5 validation images (4 + 1): the
+    logged loss is the mean over images, which a mean over batches would miss by far. Pinned by
+    hand from the per-batch losses, and val_loss against the whole validation set in one batch."""
+    from minitensor import load_model
+    from unet.batches import BatchLoader
+    from unet.data import dataset_dirs
+
+    steps = []
+    real_train_step = Model.train_step
+    monkeypatch.setattr(Model, "train_step", lambda self, x, y, sample_weight=None: steps.append(
+        (len(x), float(value := real_train_step(self, x, y, sample_weight)))) or value)
+    flags = ["--num-images", "26", "--num-val", "5", "--num-test", "4", "--image-size", "32", "--batch-size", "4",
+             "--quiet", "--epochs", "1", "--data", str(tmp_path / "shape"), "--weights-dir", str(tmp_path / "w"),
+             "--results-dir", str(tmp_path / "r"), "--predict-with", "last"]
+    assert train.main(flags) == 0
+    row = (tmp_path / "r" / "history.csv").read_text().splitlines()[1].split(",")
+    loss, val_loss = float(row[1]), float(row[2])
+    assert [size for size, _ in steps] == [4, 4, 4, 4, 1]
+    by_hand = sum(size * value for size, value in steps) / 17
+    assert loss == pytest.approx(by_hand, rel=1e-12)
+    assert abs(loss - sum(value for _, value in steps) / 5) > 1e-6       # what a mean over batches gives
+
+    dirs = dataset_dirs(tmp_path / "shape")
+    images, labels = BatchLoader(range(17, 22), dirs.train_images, dirs.train_masks, 5, shuffle=False).read_labels(
+        list(range(17, 22)))
+    model = load_model(tmp_path / "w" / "last.npz")
+    model.compile(model.optimizer, train.LOSSES["bce-logits"]())
+    assert val_loss == pytest.approx(model.test_on_batch(images, labels), rel=1e-5)
