@@ -33,8 +33,8 @@ import numpy as np
 from minitensor import backend
 from minitensor.files import atomic_write_bytes
 from unet.data import PALETTE, colorize_mask
+from unet.folders import check_writable_folder
 from unet.imagefiles import ImageFileError, png_text, read_image as read_image_file, with_png_text
-from unet.report import check_writable_folder
 from unet.tiling import predict_tiled, tile_geometry, tile_grid
 from unet.tta import predict_views
 

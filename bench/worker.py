@@ -119,7 +119,6 @@ def setup_minitensor(workload, args, x, y, info):
     xd, yd = minitensor.to_device(x, device), minitensor.to_device(y, device)
 
     sync = lambda: None  # noqa: E731
-    memory = None
     if device == "gpu":
         cupy = backend.cupy_module()
         sync = cupy.cuda.Device().synchronize
@@ -130,7 +129,8 @@ def setup_minitensor(workload, args, x, y, info):
 
         def memory():
             return cupy_memory(cupy, lambda: (model.train_on_batch(xd, yd), sync()))
-
+    else:
+        memory = None
     return {"step": lambda: model.train_on_batch(xd, yd), "sync": sync, "memory": memory,
             "model": model, "x": xd, "y": yd}
 
@@ -209,11 +209,12 @@ def setup_torch(workload, args, x, y, info):
         optimizer.step()
         return loss.item()
 
-    memory = None
     if args.device == "gpu":
         def memory():
             return {"gpu_peak_used_bytes": torch.cuda.max_memory_allocated(device),
                     "gpu_pool_held_bytes": torch.cuda.max_memory_reserved(device)}
+    else:
+        memory = None
     return {"step": step, "sync": sync, "memory": memory}
 
 
@@ -252,10 +253,11 @@ def setup_tensorflow(workload, args, x, y, info):
     def step():
         return float(model.train_on_batch(xt, yt))   # returns a NumPy value: waits for the device
 
-    memory = None
     if args.device == "gpu":
         def memory():
             return {"gpu_peak_used_bytes": tf.config.experimental.get_memory_info("GPU:0")["peak"]}
+    else:
+        memory = None
     result = {"step": step, "sync": lambda: None, "memory": memory}
     result["after_timing"] = lambda: info["notes"].append(f"jit_compile={model.jit_compile}")
     return result

@@ -75,10 +75,6 @@ class GradcheckResult:
     def passed(self) -> bool:
         return all(err < self.tolerance for err in self.errors.values())
 
-    @property
-    def max_error(self) -> float:
-        return max(self.errors.values(), default=0.0)
-
     def report(self, worst=5) -> str:
         lines = []
         for name, err in self.errors.items():

@@ -13,7 +13,6 @@ import numpy as np
 from minitensor.files import atomic_write_bytes
 
 from .data import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize_mask, load_mask, read_bgr, write_image_atomic
-from .folders import OutputFolderError, check_writable_folder  # noqa: F401 (predict.py imports them here)
 from .metrics import format_scores, score_mask_files
 from .tiling import crop_output, fit_to_model
 from .tta import predict_views
