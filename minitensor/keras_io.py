@@ -1,8 +1,8 @@
-"""Read weights written by Keras, so a model trained with the seed's code runs on minitensor.
+"""Read weights written by Keras, so a model trained with the post's code runs on minitensor.
 
-Two layouts exist, and both are read by layer *name* (the seed names every layer):
+Two layouts exist, and both are read by layer *name* (the post's code names every layer):
 
-* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the seed's ModelCheckpoint with
+* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the post's ModelCheckpoint with
   ``save_weights_only=True`` writes, and Keras 3's legacy writer): the root attribute
   ``layer_names`` lists the layers; group ``<layer>`` has an attribute ``weight_names`` such as
   ``[b'conv/kernel:0', b'conv/bias:0']`` and a dataset at each of those paths.

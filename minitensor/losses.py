@@ -122,7 +122,7 @@ class BinaryCrossentropy(Loss):
 
     Keras uses the logits behind your back. With Keras 3 on the TensorFlow backend (checked
     with Keras 3.15.1 and TF 2.21), ``keras.activations.softmax`` and ``keras.ops.softmax`` (so
-    also any layer built with ``activation="softmax"``, like the seed's final
+    also any layer built with ``activation="softmax"``, like the post's final
     ``Conv2D(..., activation="softmax")``) store their input on the output tensor as
     ``output._keras_logits``; so do the sigmoids. ``binary_crossentropy`` in
     keras/src/backend/tensorflow/nn.py calls ``_get_logits(output, from_logits, "Sigmoid", ...)``,
@@ -140,7 +140,7 @@ class BinaryCrossentropy(Loss):
     with gradient (sigmoid(z) - t)/K: every channel is trained as an independent sigmoid and
     the softmax is bypassed entirely. tests/test_losses.py checks all of this live.
 
-    So a seed that compiles ``loss=BinaryCrossentropy()`` on a softmax output trains on
+    So code that compiles ``loss=BinaryCrossentropy()`` on a softmax output trains on
     ``BinaryCrossentropy(from_logits=True)`` applied to the logits, while the same code read
     literally means ``BinaryCrossentropy()`` on the softmax probabilities; the two give
     different numbers and different gradients. minitensor offers both readings and hides

@@ -1,6 +1,6 @@
 """Model: a graph of layers built in Keras's functional style, that runs its own backward pass.
 
-Building (exactly as the seed's Keras code)::
+Building (exactly as the post's Keras code)::
 
     inputs = Input((128, 128, 3), name="input")
     x1 = Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
@@ -16,8 +16,8 @@ Forward runs the nodes in that order. Backward runs them in reverse: each node t
 gradient of its output, calls its layer's hand-written ``backward``, and hands the result to
 the tensors it read. A tensor read by two layers (an encoder map that feeds both the next
 encoder block and a skip connection) receives two gradients, and they **add**, because
-L depends on x through both paths: dL/dx = dL/dx|path 1 + dL/dx|path 2. That one ``+=`` is
-all a skip connection asks of backprop.
+L depends on x through both paths: dL/dx = dL/dx|path 1 + dL/dx|path 2. That one addition
+(``+`` in ``Model.backward``, which says why not ``+=``) is all a skip connection asks of backprop.
 """
 from __future__ import annotations
 

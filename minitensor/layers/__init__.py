@@ -12,7 +12,7 @@ from .merge import Concatenate
 from .pooling import MaxPool2D
 from .upsampling import UpSampling2D
 
-# Keras's aliases, so the seed's spelling works too.
+# Keras's aliases, so the post's spelling works too.
 MaxPooling2D = MaxPool2D
 
 __all__ = [

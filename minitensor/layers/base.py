@@ -7,7 +7,7 @@ A layer is used in two ways:
       y = layer.forward(x)        # caches what backward needs
       dx = layer.backward(dy)     # uses and frees that cache; fills layer.grads
 
-* **Symbolically, to build a model** (the Keras functional style of the seed)::
+* **Symbolically, to build a model** (the Keras functional style of the post)::
 
       x = Input((128, 128, 3))
       y = Conv2D(32, 3, padding="same")(x)   # returns a SymbolicTensor, records the graph

@@ -17,7 +17,7 @@ from .base import Layer, normalize_pair
 
 
 class UpSampling2D(Layer):
-    """``UpSampling2D(size=2)``, nearest interpolation as the seed uses."""
+    """``UpSampling2D(size=2)``, nearest interpolation as the post uses."""
 
     def __init__(self, size=2, interpolation="nearest", name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
