@@ -49,3 +49,34 @@ def test_runs_as_a_module_from_the_command_line():
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "conv2d: passed" in done.stdout and "kernel" in done.stdout
+
+
+def test_skip_model_crops_so_a_misplaced_crop_gradient_fails():
+    """skip_model's crop takes at least one pixel off every side, so a crop backward that puts dy
+    in the wrong place (here: at the top-left corner, as if nothing had been cropped there) fails."""
+    model = gradcheck.skip_model()
+    crop = model.get_layer("crop")
+    assert min(c for pair in crop.cropping for c in pair) >= 1
+    x = np.random.default_rng(0).standard_normal((1, 10, 10, 2))
+    assert gradcheck.check_model(model, x).passed
+
+    def misplaced(dy):
+        x_shape = crop._pop_cache()
+        dx = np.zeros(x_shape)
+        dx[:, :dy.shape[1], :dy.shape[2], :] = dy
+        return dx
+
+    crop.backward = misplaced
+    result = gradcheck.check_model(model, x)
+    assert not result.passed and result.errors["x"] > 1e-2
+
+
+def test_the_failure_report_prints_plain_indices_and_one_column():
+    long_name = "decoder_conv1_2/kernel"
+    result = gradcheck.GradcheckResult(1e-6)
+    result.errors = {"x": 0.5, long_name: 1e-9}
+    result.details = {"x": (np.array([[0.0, 1.0]]), np.array([[0.0, 0.5]])), long_name: (np.zeros(1), np.zeros(1))}
+    lines = result.report().split("\n")
+    assert "at (0, 1): backward" in result.report() and "np.int64" not in result.report()
+    rows = [line for line in lines if "max relative error" in line]
+    assert len({row.index("max relative error") for row in rows}) == 1    # the errors line up in one column
