@@ -19,7 +19,8 @@ Forward
 
 Backward, given dy = dL/dy.
 
-    dZ = dy * f'(Z), elementwise: for ReLU, dy where y > 0 (activations.py). For softmax it is
+    dZ = dL/dZ through the activation. For ReLU it is elementwise, dZ = dy * f'(Z): dy where
+    y > 0 (activations.py). For softmax it is not elementwise but
     the Jacobian-vector product y * (dy - sum(dy * y)) over the channels (activations.py). A
     softmax output layer trained on logits gets dZ = dL/dZ straight from the loss and skips this
     step (losses.py derives p - t and (sigmoid(z) - t)/K; Model.backward passes from_logits).
@@ -31,7 +32,7 @@ Backward, given dy = dL/dy.
     The x factor is X_col[(n, oh, ow), (i, j, c)], so this is dW_col = X_col^T @ dZ, one GEMM
     over the rows of X_col. Bias: db[o] = sum_{n, oh, ow} dZ[n, oh, ow, o] = 1^T @ dZ, computed as
     a GEMV with a vector of ones (on CuPy far faster than dZ.sum(axis=0) over a tall matrix; the
-    same numbers).
+    same sum, but added in another order, so in float32 it rounds differently from sum(axis=0)).
 
     Input gradient: x[n, h, w, c] is copied into X_col once for every window that covers it, so
     its gradient is the sum over those copies: dX_col = dZ @ W_col^T, then dx = col2im(dX_col),
