@@ -3,8 +3,11 @@
 Shapes: x (N, H, W, C) -> y (N, OH, OW, C); pooling acts on each channel separately.
 
 Forward
-    y[n, oh, ow, c] = max over the PH x PW window at (oh*SH, ow*SW) of x[n, :, :, c].
-    We also keep *where* the maximum was (``argmax``, the offset i*PW + j inside the window).
+    y[n, oh, ow, c] = max over i < PH, j < PW of x[n, oh*SH + i - PT, ow*SW + j - PL, c],
+    the window's top-left corner at (oh*SH - PT, ow*SW - PL), where PT, PL are the top and left
+    padding ('same' only; 0 for 'valid'); window cells outside x are left out, as if padded
+    with -inf. We also keep *where* the maximum was (``argmax``, the offset i*PW + j inside
+    the window).
 
 Backward
     Within a window, y is a copy of one input cell, so dy/dx is 1 for that cell and 0 for the
