@@ -171,7 +171,7 @@ class Conv2D(Layer):
         """
         x, y, _, geometry = self._pop_cache()
         xp = backend.get_array_module(x, dy)
-        dz = dy if from_logits else activation_backward(self.activation, dy, y)    # dZ = dy * f'(Z)
+        dz = dy if from_logits else activation_backward(self.activation, dy, y)    # dZ = dL/dZ through f
         dz = xp.ascontiguousarray(dz)                                  # (N, OH, OW, OC), read by all three
         self.grads[0] = kernels.conv2d_kernel_grad(x, dz, geometry)    # dW = X_col^T @ dZ
         if self.use_bias:
