@@ -1,4 +1,5 @@
 """unet/prefetch.py: the next batch prepared in a background thread, in order, and training unchanged by it."""
+import contextlib
 import threading
 
 import numpy as np
@@ -50,9 +51,10 @@ def test_training_with_and_without_prefetch_is_the_same(tmp_path):
                                  "--loss", "weighted", "--data", str(tmp_path / "shape"),
                                  "--weights-dir", str(tmp_path / f"w{prefetch}"),
                                  "--results-dir", str(tmp_path / f"r{prefetch}")])
-        trainer, _, _ = train.prepare(args, log=lambda message: None)
-        trainer.prefetch = prefetch
-        assert trainer.fit()
+        with contextlib.ExitStack() as folder_locks:
+            trainer, _, _ = train.prepare(args, folder_locks, log=lambda message: None)
+            trainer.prefetch = prefetch
+            assert trainer.fit()
         results.append((trainer.model.get_weights(), [(row["loss"], row["val_loss"]) for row in trainer.state.history],
                         trainer.state.augmenter))
     (weights_a, history_a, augmenter_a), (weights_b, history_b, augmenter_b) = results
