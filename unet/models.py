@@ -8,6 +8,11 @@
 
 ``base_filters`` scales every channel count (64 -> 64, 128, ..., 1024 for ``unet``), so tests and
 learners can run a narrow copy of exactly the same wiring.
+
+The two builders repeat the post's encoder/decoder ladder instead of sharing one loop, on purpose:
+each reads next to the post's Keras function line for line (bench/keras_seed.py is that Keras code,
+its own ``compose`` included, kept as the post wrote it so the comparison tests build the post's
+model, not ours), and tests/test_unet_vs_keras.py holds them to each other weight by weight.
 """
 from __future__ import annotations
 
