@@ -13,13 +13,16 @@ from .backend import get_array_module, is_gpu_available, to_device, to_numpy
 from .layers import (Concatenate, Conv2D, Cropping2D, Input, Layer, MaxPool2D, MaxPooling2D, ReLU, Softmax,
                      UpSampling2D, register_layer, set_seed)
 from .files import ModelFileError
+from .keras_io import write_keras_weights as save_keras_weights
 from .model import Model
+from .onnx_export import OnnxExportError, export_onnx
 from .saving import load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Concatenate", "Conv2D", "Cropping2D", "Input", "Layer", "MaxPool2D", "MaxPooling2D", "Model", "ModelFileError",
-    "ReLU", "Softmax", "UpSampling2D", "backend", "get_array_module", "is_gpu_available", "kernels", "layers",
-    "load_model", "losses", "optimizers", "register_layer", "set_seed", "to_device", "to_numpy",
+    "OnnxExportError", "ReLU", "Softmax", "UpSampling2D", "backend", "export_onnx", "get_array_module",
+    "is_gpu_available", "kernels", "layers", "load_model", "losses", "optimizers", "register_layer",
+    "save_keras_weights", "set_seed", "to_device", "to_numpy",
 ]

@@ -1,23 +1,36 @@
-"""Read weights written by Keras, so a model trained with the post's code runs on minitensor.
+"""Keras weight files, both ways: read weights written by Keras, so a model trained with the seed's code
+runs on minitensor, and write a minitensor model's weights for the same model built in Keras.
 
-Two layouts exist, and both are read by layer *name* (the post's code names every layer):
+Two layouts exist, and both are read by layer *name* (the seed names every layer):
 
-* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the post's ModelCheckpoint with
+* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the seed's ModelCheckpoint with
   ``save_weights_only=True`` writes, and Keras 3's legacy writer): the root attribute
   ``layer_names`` lists the layers; group ``<layer>`` has an attribute ``weight_names`` such as
   ``[b'conv/kernel:0', b'conv/bias:0']`` and a dataset at each of those paths.
 * Keras 3 ``.weights.h5``: groups ``layers/<key>/vars`` whose attribute ``name`` is the layer's
   name, holding datasets ``0``, ``1``, ... in the layer's weight order (kernel, then bias).
 
+``write_keras_weights`` (``Model.save_keras_weights``) writes the Keras 3 layout. Keras itself
+reads it by *key*, not by name: ``<key>`` is the snake-cased Keras class name with a counter
+(``conv2d``, ``conv2d_1``, ...) in the order its Functional model lists the layers, so the keys
+are given in that order (``keras_layer_order``), and the names as well for our reader.
+
 Keras's kernels are HWIO and its data NHWC, as ours, so the arrays are used unchanged.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
 
 import numpy as np
 
-from .files import ModelFileError
+from .files import ModelFileError, atomic_write_bytes
+
+KERAS_SUFFIX = ".weights.h5"
+# minitensor class name -> the Keras class of the same layer, where the two differ (MaxPool2D is
+# Keras's alias of MaxPooling2D: its saved key is max_pooling2d).
+KERAS_CLASS_NAMES = {"MaxPool2D": "MaxPooling2D"}
 
 
 def _decode(value):
@@ -89,3 +102,70 @@ def read_keras_weights(path, model):
         for weight_name, array in zip(layer.weight_names, arrays):
             named[f"{layer.name}/{weight_name}"] = array
     return named
+
+
+def _snake_case(name):
+    """Keras's naming.to_snake_case: Conv2D -> conv2d, MaxPooling2D -> max_pooling2d, ReLU -> re_lu."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def keras_layer_order(model):
+    """``model.layers`` in the order a Keras Functional model of the same graph lists them.
+
+    Keras (keras/src/ops/function.py, ``map_graph``) sorts its layers by depth, the longest path
+    from the layer to the output, deepest (the input) first, and breaks ties by the order in
+    which a depth-first walk from the output first meets them. Our order is the order of the
+    calls; the two can differ (the original U-Net's crops come right before their
+    concatenations in Keras's), and Keras counts the keys of each class in its own order.
+    """
+    first_met, finished = {}, []
+
+    def walk(tensor):                        # every layer is called once in a Model: a layer is a node
+        if id(tensor) in first_met:
+            return
+        first_met[id(tensor)] = len(first_met)
+        for parent in tensor.inputs:
+            walk(parent)
+        finished.append(tensor)              # after its inputs: reversed, consumers come first
+
+    walk(model.output)
+    depth = {}
+    for tensor in reversed(finished):
+        below = depth.setdefault(id(tensor), 0)
+        for parent in tensor.inputs:
+            depth[id(parent)] = max(depth.get(id(parent), 0), below + 1)
+    finished.sort(key=lambda t: (-depth[id(t)], first_met[id(t)]))
+    return [tensor.producer for tensor in finished]
+
+
+def write_keras_weights(model, path):
+    """Write the model's weights to ``path`` as a Keras 3 ``.weights.h5``, atomically.
+
+    The same model built in Keras (the seed's code, with the same layer classes in the same
+    graph) loads it with ``keras_model.load_weights(path)``; ``Model.load_keras_weights`` reads it
+    back. Keras reads a file of this layout only under a name ending in ``.weights.h5``, so any
+    other name is refused (ModelFileError), as Keras's ``save_weights`` refuses it.
+    """
+    import h5py
+
+    path = os.fspath(path)
+    if not path.endswith(KERAS_SUFFIX):
+        raise ModelFileError(f"{path}: a Keras 3 weights file must be named *{KERAS_SUFFIX} (Keras's load_weights "
+                             f"reads this layout by that name), e.g. {os.path.splitext(path)[0]}{KERAS_SUFFIX}")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a folder; give a file path such as {os.path.join(path, 'model.weights.h5')}")
+    buffer, counts = io.BytesIO(), {}
+    with h5py.File(buffer, "w") as f:
+        for layer in keras_layer_order(model):
+            base = _snake_case(KERAS_CLASS_NAMES.get(type(layer).__name__, type(layer).__name__))
+            counts[base] = counts.get(base, -1) + 1          # Keras's _get_unique_name: key, key_1, key_2, ...
+            variables = f.create_group(f"layers/{base}_{counts[base]}" if counts[base] else f"layers/{base}")
+            variables = variables.create_group("vars")
+            variables.attrs["name"] = layer.name
+            for index, array in enumerate(layer.get_weights()):
+                variables[str(index)] = array
+        f.create_group("vars").attrs["name"] = model.name
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

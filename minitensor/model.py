@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from . import backend, losses as loss_module, optimizers as optimizer_module
+from . import backend, keras_io, losses as loss_module, optimizers as optimizer_module
 from .files import ModelFileError, atomic_savez, read_npz, with_prefix
 from .layers.base import InputLayer, SymbolicTensor
 from .summary import summary_text
@@ -392,7 +392,8 @@ class Model:
             if arrays:
                 layer.set_weights(arrays)
 
+    save_keras_weights = keras_io.write_keras_weights   # (self, path): a Keras 3 .weights.h5 for Keras's load_weights
+
     def load_keras_weights(self, path):
         """Load weights saved by Keras (legacy ``.h5`` or Keras 3 ``.weights.h5``), matched by layer name."""
-        from .keras_io import read_keras_weights   # h5py is needed only here
-        self.assign_weights(read_keras_weights(path, self), path)
+        self.assign_weights(keras_io.read_keras_weights(path, self), path)   # keras_io imports h5py when used
