@@ -2,7 +2,7 @@
 
     python docs/unet_backward.py
 
-float64, a 32x32 input, batch 2 (two images of the generated Shape data set), the seed's
+float64, a 32x32 input, batch 2 (two images of the generated Shape data set), the post's
 small_unet with its 32 base channels. tests/test_docs.py runs this script and checks that the
 guide quotes its output exactly, so the text cannot drift from the code.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minitensor import losses, set_seed  # noqa: E402  (the repository root is put on the path first)
+import numpy as np  # noqa: E402  (after minitensor, which sets the CPU's threads up before NumPy loads)
 from minitensor.optimizers import Adam  # noqa: E402
 from unet import small_unet  # noqa: E402
 from unet.data import one_hot  # noqa: E402
@@ -73,7 +72,7 @@ def trace(net, images, targets):
     loss = losses.SoftmaxCrossEntropy()
     print(f"loss (softmax-ce) = {float(loss.forward(net.get_layer('conv_softmax').pre_activation(), targets)):.6f}")
     grads = {id(net.output): loss.backward()}
-    first_reader, shares = {}, {}
+    first_reader, shares, ratios = {}, {}, []
     print(f"{'node':24s} {'upstream dL/d(output) shape':28s} norm")
     for node in reversed(net.nodes[1:]):
         dout = grads.pop(id(node.output))
@@ -81,6 +80,7 @@ def trace(net, images, targets):
             (first, a), (second, b) = shares.pop(id(node.output))
             print(f"  {node.layer.name} output: two gradients meet, from {first} ({norm(a)}) and from {second} "
                   f"({norm(b)}); their sum has norm {norm(dout)}")
+            ratios.append(float(np.linalg.norm(a) / np.linalg.norm(b)))     # the skip's share over the pooled one
         print(f"{node.layer.name:24s} {str(dout.shape):28s} {norm(dout)}")
         options = {"from_logits": True} if node.output is net.output else {}
         dinputs = node.layer.backward(dout, **options)
@@ -91,6 +91,8 @@ def trace(net, images, targets):
                 grads[id(tensor)] = grads[id(tensor)] + grad
             else:
                 grads[id(tensor)], first_reader[id(tensor)] = grad, node.layer.name
+    print(f"skip share / pooled share (norms), deepest skip first: {', '.join(f'{r:.3g}' for r in ratios)}; "
+          f"from {min(ratios):.3g} to {max(ratios):.3g}")
 
 
 def numerical_check(net, images, targets):

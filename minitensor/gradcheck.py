@@ -26,10 +26,14 @@ From the command line, on any layer or loss::
     python -m minitensor.gradcheck skip_model    # a whole model: a gradient summed over two paths
     python -m minitensor.gradcheck --all
     python -m minitensor.gradcheck --list
+    python -m minitensor.gradcheck my_layer.py:MyLayer --shape 6,6,3   # your own layer (docs/your_first_layer.md)
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -237,16 +241,53 @@ EXAMPLES = {
 }
 
 
+def user_layer_example(spec, input_shape):
+    """``'my_layer.py:MyLayer'`` or ``'package.module:MyLayer'`` -> an example that checks
+    ``MyLayer(dtype='float64')`` on random inputs of ``input_shape`` (without the batch axis)."""
+    source, _, class_name = spec.rpartition(":")
+    if not source or not class_name:
+        raise ValueError(f"{spec!r}: name your layer as FILE.py:CLASS or MODULE:CLASS")
+    if source.endswith(".py"):
+        if not os.path.isfile(source):
+            raise ValueError(f"{spec!r}: there is no file {source!r}")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(source)[:-3], source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, layers.Layer)):
+        raise ValueError(f"{spec!r}: {source} has no Layer subclass named {class_name!r}")
+    try:
+        cls(dtype=F64)
+    except TypeError as exc:
+        raise ValueError(f"{spec!r}: the command line builds {class_name}(dtype='float64'), which fails ({exc}); "
+                         f"give its other arguments defaults, or call check_layer from Python") from exc
+    return _layer_example(lambda: cls(dtype=F64), [tuple(input_shape)])
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH,CHANNELS such as 6,6,3, got {text!r}")
+    return shape
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minitensor.gradcheck",
                                      description="Check a layer's, loss's or model's backward pass against central "
                                                  "differences in float64.")
     parser.add_argument("names", nargs="*", help="layers, losses or skip_model (a miniature U-Net) to check "
-                                                 "(see --list)")
+                                                 "(see --list), or your own layer as FILE.py:CLASS or MODULE:CLASS")
     parser.add_argument("--all", action="store_true", help="check every example")
     parser.add_argument("--list", action="store_true", help="list the examples and exit")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--shape", type=_shape, default=(6, 6, 3),
+                        help="HEIGHT,WIDTH,CHANNELS of the random input to your own layer (default 6,6,3)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(EXAMPLES))
@@ -254,13 +295,21 @@ def main(argv=None) -> int:
     names = list(EXAMPLES) if args.all else args.names
     if not names:
         parser.error("name a layer or loss (see --list), or pass --all")
-    unknown = [n for n in names if n not in EXAMPLES]
+    examples = {}
+    for name in names:
+        try:
+            examples[name] = EXAMPLES[name] if name in EXAMPLES or ":" not in name else \
+                user_layer_example(name, args.shape)
+        except (ValueError, ImportError) as exc:
+            parser.error(str(exc))
+    unknown = [n for n in names if n not in examples]
     if unknown:
-        parser.error(f"unknown example(s) {', '.join(unknown)}; choose from: {', '.join(EXAMPLES)}")
+        parser.error(f"unknown example(s) {', '.join(unknown)}; choose from: {', '.join(EXAMPLES)}, "
+                     f"or name your own layer as FILE.py:CLASS")
     rng = np.random.default_rng(args.seed)
     failed = 0
     for name in names:
-        result = EXAMPLES[name](rng, args.batch)
+        result = examples[name](rng, args.batch)
         print(f"{name}: {'passed' if result.passed else 'FAILED'} (tolerance {result.tolerance:g})")
         print(result.report())
         failed += not result.passed
