@@ -169,3 +169,28 @@ def test_a_page_whose_output_block_is_wrong_fails(tmp_path, monkeypatch):
             run_first_layer_page(str(tmp_path))
     finally:
         layers.LAYER_CLASSES.pop("ScaledReLU", None)
+
+
+# ----- docs/worked_example_1d.md and docs/figures.py --------------------------------------------------
+
+def test_the_worked_example_quotes_its_script_and_every_number_is_printed():
+    output = run_script("worked_example_1d.py")
+    markdown = read("worked_example_1d.md")
+    assert quoted_text(markdown) == output.rstrip("\n").split("\n"), \
+        "docs/worked_example_1d.md no longer matches python docs/worked_example_1d.py: paste its output"
+    assert "gives the same y, dx, dw, db: True" in output
+    assert "give dx = [2, -3, 6, -3, 2]" in output and "dx = [2, -3, 6, -3, 2]" in output
+    assert unprinted(markdown, output, script_constants(os.path.join(DOCS, "worked_example_1d.py"))) == []
+
+
+def test_the_figures_are_drawn_by_the_script_and_shown_by_the_docs(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join("docs", "figures.py"), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["conv_dx_transposed.png", "im2col.png", "maxpool_routing.png", "unet_graph.png"]
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in names)
+    shown = read("unet_backward.md") + read("worked_example_1d.md")
+    for name in names:
+        assert f"](figures/{name})" in shown, f"no page shows docs/figures/{name}"
+        assert os.path.exists(os.path.join(DOCS, "figures", name)), f"docs/figures/{name}: run python docs/figures.py"
