@@ -18,9 +18,9 @@ minitensor/layers/conv2d.py derives all this; docs/figures/ draws it.
 
 Check: python -m exercises 4
 """
-import numpy as np
+import numpy as np  # noqa: F401  (for your code)
 
-from .given import geometry, im2col  # noqa: F401  (im2col: the checks compare col2im with it)
+from .given import geometry, im2col  # noqa: F401  (yours to use; the checks compare col2im with im2col)
 
 
 def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):

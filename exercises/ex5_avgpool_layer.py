@@ -11,7 +11,7 @@ contract with a layer that has one.
 
 Check: python -m exercises 5   (it compares forward with NumPy and backward with central differences)
 """
-import numpy as np
+import numpy as np  # noqa: F401  (for your code)
 
 from minitensor.layers import Layer
 

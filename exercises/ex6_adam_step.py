@@ -14,7 +14,7 @@ epsilon sits where it does and how PyTorch's Adam differs.
 
 Check: python -m exercises 6   (against minitensor's Adam, over three steps)
 """
-import numpy as np
+import numpy as np  # noqa: F401  (for your code)
 
 
 def adam_step(param, grad, m, v, t, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7):

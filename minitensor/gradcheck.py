@@ -295,13 +295,13 @@ def main(argv=None) -> int:
     names = list(EXAMPLES) if args.all else args.names
     if not names:
         parser.error("name a layer or loss (see --list), or pass --all")
-    examples = {}
+    examples = {name: EXAMPLES[name] for name in names if name in EXAMPLES}
     for name in names:
-        try:
-            examples[name] = EXAMPLES[name] if name in EXAMPLES or ":" not in name else \
-                user_layer_example(name, args.shape)
-        except (ValueError, ImportError) as exc:
-            parser.error(str(exc))
+        if name not in EXAMPLES and ":" in name:
+            try:
+                examples[name] = user_layer_example(name, args.shape)
+            except (ValueError, ImportError) as exc:
+                parser.error(str(exc))
     unknown = [n for n in names if n not in examples]
     if unknown:
         parser.error(f"unknown example(s) {', '.join(unknown)}; choose from: {', '.join(EXAMPLES)}, "

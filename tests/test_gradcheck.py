@@ -80,3 +80,24 @@ def test_the_failure_report_prints_plain_indices_and_one_column():
     assert "at (0, 1): backward" in result.report() and "np.int64" not in result.report()
     rows = [line for line in lines if "max relative error" in line]
     assert len({row.index("max relative error") for row in rows}) == 1    # the errors line up in one column
+
+
+def test_a_users_layer_from_the_command_line(tmp_path):
+    """python -m minitensor.gradcheck FILE.py:CLASS checks a layer of your own; a wrong name is a message, exit 2."""
+    (tmp_path / "halving.py").write_text(
+        "from minitensor.layers import Layer\n\n"
+        "class Halving(Layer):\n"
+        "    def forward(self, x):\n        return x / 2\n\n"
+        "    def backward(self, dy):\n        return dy / 3    # wrong on purpose\n")
+
+    def check(*args):
+        return subprocess.run([sys.executable, "-m", "minitensor.gradcheck", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    wrong = check("halving.py:Halving", "--shape", "3,3,2")
+    assert wrong.returncode == 1 and "halving.py:Halving: FAILED" in wrong.stdout
+    for args, message in [(["nothere.py:Halving"], "there is no file 'nothere.py'"),
+                          (["halving.py:Nope"], "no Layer subclass named 'Nope'"),
+                          (["halving.py:Halving", "--shape", "3,3"], "HEIGHT,WIDTH,CHANNELS")]:
+        done = check(*args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
