@@ -53,6 +53,7 @@ from unet.models import valid_unet_sizes
 from unet.report import write_results
 from unet.shapes import ensure_dataset
 from unet.stopping import Interrupted, signals_interrupt
+from unet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable, event_files, require_writer
 from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError
 from unet.weights import dataset_class_weights
 
@@ -138,6 +139,10 @@ def parse_args(argv=None):
                         help="predict the test set 8 times, flipped and turned, and average (8x the prediction time; "
                              "the training is the same)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", metavar="DIR", default=None,
+                        help="also write loss, val_loss, learning rate and images/s every epoch, and a few test "
+                             "images with their masks at the end, for tensorboard --logdir DIR (needs "
+                             "pip install 'minitensor[tensorboard]')")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "num_images", "num_val"):
         if getattr(args, name) < 1:
@@ -215,6 +220,9 @@ def claim_output_folders(args, stack, test_ids, log=print):
     """Check the output folders, lock them for this run (released when ``stack`` closes) and make
     sure that nothing of an earlier run is written over: refuse, unless --resume or --start-over."""
     outputs = {"--weights-dir": args.weights_dir, "--results-dir": args.results_dir}
+    if args.tensorboard:
+        require_writer()
+        outputs["--tensorboard"] = args.tensorboard
     check_apart(outputs, args.data)
     for flag, folder in outputs.items():
         check_writable_folder(folder, flag)
@@ -231,13 +239,18 @@ def claim_output_folders(args, stack, test_ids, log=print):
                          f"run ({describe_run(args.weights_dir, files)}), which this run would write over. "
                          f"Continue it with --resume (and its settings), give this run another --weights-dir and "
                          f"--results-dir, or pass --start-over to delete that run and begin again")
+    events = event_files(args.tensorboard) if args.tensorboard else []
+    if events and not args.start_over:
+        raise UsageError(f"--tensorboard {args.tensorboard}: holds an earlier run's events ({len(events)} event "
+                         f"files), which TensorBoard would show mixed with this run's. Continue that run with "
+                         f"--resume, give this run another --tensorboard folder, or pass --start-over to delete them")
     if args.start_over:
-        files += test_mask_files(args.results_dir, test_ids)
+        files += test_mask_files(args.results_dir, test_ids) + events
         for path in files:
             os.remove(path)
         if files:
             log(f"--start-over: deleted the earlier run's {len(files)} files in {args.weights_dir} and "
-                f"{args.results_dir}")
+                f"{args.results_dir}" + (f" and {args.tensorboard}" if events else ""))
 
 
 def prepare(args, stack, log=print):
@@ -305,12 +318,19 @@ def main(argv=None, on_batch_end=None):
             trainer, test_ids, dirs = prepare(args, stack)
             trainer.model.to(device)
             trainer.on_batch_end = on_batch_end
+            board = TensorBoardLog(args.tensorboard, trainer.state.history) if args.tensorboard else None
+            if board:
+                stack.callback(board.close)
+                trainer.on_epoch_end = board.epoch_end
             if not trainer.fit():
                 return trainer.stop.exit_status
             weights = prediction_weights(trainer, args.predict_with)
             write_results(trainer.model, trainer.state.history, test_ids, dirs, args.results_dir, args.batch_size,
                           args.tta, weights=weights)
-    except (UsageError, OutputFolderError, CheckpointError, ModelFileError, DatasetError) as error:
+            if board:
+                board.test_images(trainer.state.epoch, test_ids, dirs, args.results_dir)
+    except (UsageError, OutputFolderError, CheckpointError, ModelFileError, DatasetError, TensorBoardUnavailable) \
+            as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

@@ -60,7 +60,8 @@ class Trainer:
     ``fingerprint`` holds the settings a resumed run must share with the one it continues;
     ``border_weighted`` reads each batch's border-weight maps (with ``class_weights``, None for per
     mask); ``augmenter`` (or None) moves every training batch. ``on_batch_end(trainer)`` is called
-    after every trained batch (a hook for tests and tools).
+    after every trained batch, ``on_epoch_end(trainer)`` after each epoch's checkpoint (hooks for tests and
+    tools: train.py --tensorboard).
 
     The host reads the device only where it must: the batch losses stay on the device and are
     read ``loss_read_every`` batches at a time in one transfer (and before a checkpoint, a stop
@@ -83,7 +84,7 @@ class Trainer:
         self.checkpoint_minutes, self.max_minutes = checkpoint_minutes, max_minutes
         self.stop = StopRequest()
         self.quiet, self.log = quiet, self._guarded(log)
-        self.on_batch_end = None
+        self.on_batch_end = self.on_epoch_end = None
         self.loss_read_every, self.prefetch = loss_read_every, prefetch
         self._unread = []            # (batch index, images, loss on the device) of batches whose loss is unread
         self.state = TrainingState(weights={}, optimizer={}, fingerprint=dict(fingerprint or {}),
@@ -372,6 +373,8 @@ class Trainer:
                 self._end_epoch()
                 self.save_checkpoint()
                 self._log_epoch()
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(self)
                 if self.stop.requested:
                     return self._stopped()
                 if (self.max_minutes is not None and not self.finished
