@@ -4,7 +4,7 @@
     python predict.py model.npz photo.png --out predictions --device gpu --batch-size 8
 
 For every image (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp) in INPUT (a folder or one file), writes
-OUT/<name>.png: the predicted classes as a colored mask of the image's own size, in the seed's
+OUT/<name>.png: the predicted classes as a colored mask of the image's own size, in the post's
 colors (unet.data.PALETTE; more classes get more colors, see ``extended_palette``). The image is
 cut into tiles of the model's input size, mirrored at its border for the missing context, and the
 tiles' outputs are stitched (unet/tiling.py). Images are read as in training: 8-bit, OpenCV's BGR
@@ -62,7 +62,7 @@ def voc_color(index):
 
 def extended_palette(num_classes, palette=PALETTE):
     """``palette`` (BGR) grown to ``num_classes`` distinct colors with the VOC color map's colors
-    (the seed's 21 classes are VOC's) that it does not already hold; deterministic."""
+    (the post's 21 classes are VOC's) that it does not already hold; deterministic."""
     colors = [list(color) for color in palette[:num_classes]]
     index = 0
     while len(colors) < num_classes:

@@ -1,11 +1,11 @@
-"""Train the seed's U-Net on the Shape dataset, from an empty folder to colored test masks.
+"""Train the post's U-Net on the Shape dataset, from an empty folder to colored test masks.
 
-    python train.py                      # everything with the seed's settings; CPU unless a GPU is usable
+    python train.py                      # everything with the post's settings; CPU unless a GPU is usable
     python train.py --device gpu         # on the GPU (needs CuPy)
     python train.py --epochs 5           # a shorter run (see the README for times)
     python train.py --resume             # continue an interrupted run exactly where it stopped
 
-The steps are the seed's: generate the data set if it is missing (shape/train_imgs,
+The steps are the post's: generate the data set if it is missing (shape/train_imgs,
 shape/train_mask, shape/test_imgs and, for the metrics, shape/test_mask); build small_unet; train
 with Adam(1e-3) on BinaryCrossentropy with batches of 16 read by a generator; every 3 epochs save
 the model if val_loss improved (UNet_weight/ep...-loss...-val_loss....npz); halve the learning
@@ -61,16 +61,16 @@ DEFAULT_LR = 1e-3
 MIN_IMAGE_SIZE = 16    # the smallest image the generator draws shapes into and small_unet pools 4 times
 
 LOSSES = {
-    # What Keras 3 really trains for the seed's compile(loss=BinaryCrossentropy()) on a softmax
+    # What Keras 3 really trains for the post's compile(loss=BinaryCrossentropy()) on a softmax
     # output: sigmoid BCE on the pre-softmax logits (see minitensor/losses.py).
     "bce-logits": lambda: losses.BinaryCrossentropy(from_logits=True),
-    # The formula the seed's code reads as: BCE on the clipped softmax probabilities.
+    # The formula the post's code reads as: BCE on the clipped softmax probabilities.
     "bce": lambda: losses.BinaryCrossentropy(),
     # The usual choice for one label per pixel: softmax cross-entropy on the logits, fused.
     "softmax-ce": lambda: losses.SoftmaxCrossEntropy(),
     # The paper's loss: softmax cross-entropy weighted per pixel by unet/weights.py's border map.
     "weighted": lambda: losses.SoftmaxCrossEntropy(),
-    # The seed's loss (as Keras trains it) with the same border weights.
+    # The post's loss (as Keras trains it) with the same border weights.
     "weighted-bce": lambda: losses.BinaryCrossentropy(from_logits=True),
 }
 BORDER_WEIGHTED = ("weighted", "weighted-bce")
@@ -87,18 +87,18 @@ class UsageError(RuntimeError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the seed's U-Net on the Shape dataset with minitensor.",
+    parser = argparse.ArgumentParser(description="Train the post's U-Net on the Shape dataset with minitensor.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                         help="auto = the GPU when CuPy sees one, else the CPU")
     parser.add_argument("--model", default="small", choices=["small", "original"],
-                        help="small_unet ('same' convs, the seed's Shape model) or the original valid-conv unet")
+                        help="small_unet ('same' convs, the post's Shape model) or the original valid-conv unet")
     parser.add_argument("--data", default="shape",
                         help="data set folder: generated there if new or empty, completed if unet.shapes wrote it, "
                              "otherwise read as your own data set and never written to")
-    parser.add_argument("--num-images", type=int, default=1000, help="images in the data set (the seed: 1000)")
-    parser.add_argument("--num-val", type=int, default=100, help="validation images (the seed: 100)")
-    parser.add_argument("--num-test", type=int, default=100, help="test images (the seed: 100)")
+    parser.add_argument("--num-images", type=int, default=1000, help="images in the data set (the post: 1000)")
+    parser.add_argument("--num-val", type=int, default=100, help="validation images (the post: 100)")
+    parser.add_argument("--num-test", type=int, default=100, help="test images (the post: 100)")
     parser.add_argument("--image-size", type=int, default=128, help="image size of a generated data set")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -106,7 +106,7 @@ def parse_args(argv=None):
                         help=f"Adam's learning rate (default {DEFAULT_LR:g}); with --resume, replaces the "
                              "checkpoint's rate (which ReduceLROnPlateau may have lowered)")
     parser.add_argument("--loss", default="bce-logits", choices=sorted(LOSSES),
-                        help="bce-logits: what Keras trains for the seed's BCE on softmax; bce: BCE on probabilities; "
+                        help="bce-logits: what Keras trains for the post's BCE on softmax; bce: BCE on probabilities; "
                              "weighted / weighted-bce: softmax-ce / bce-logits with the paper's border weights")
     parser.add_argument("--class-weights", default="none", choices=("none", "mask", "dataset"),
                         help="w_c of the border-weighted losses: 1 for every class (the border term alone), or "

@@ -15,7 +15,7 @@ class BatchLoader:
 
     Every epoch is one pass over ``ids`` in a fresh order (a permutation of a copy of the ids, drawn
     from the loader's own seeded ``numpy.random.Generator``); the last batch is smaller unless
-    ``drop_last``. The seed's generator instead streams across epoch boundaries, so with 100
+    ``drop_last``. The post's generator instead streams across epoch boundaries, so with 100
     validation images and batch 16 its "epoch" saw a different 96 of them each time; aligning
     batches with epochs makes every epoch see every image once, and makes resuming exact.
 
@@ -57,7 +57,7 @@ class BatchLoader:
         return (self.read_batch(order[start:start + self.batch_size]) for start in starts)
 
     def __iter__(self):
-        """Epoch after epoch, for ever (the seed's ``while 1`` generator)."""
+        """Epoch after epoch, for ever (the post's ``while 1`` generator)."""
         while True:
             yield from self.epoch_batches()
 
@@ -87,7 +87,7 @@ class BatchLoader:
 
 def batch_generator(ids, images_dir, masks_dir, batch_size, num_classes=NUM_CLASSES,
                     shuffle=True, seed=0, loop=True, image_size=None):
-    """The seed's ``generate_arrays_from_file`` as a generator of ``(images, masks)`` batches:
+    """The post's ``generate_arrays_from_file`` as a generator of ``(images, masks)`` batches:
     for ever with ``loop`` (reshuffling each epoch), else one epoch. See BatchLoader, whose
     ``get_state``/``set_state`` are the way to resume; this function is the short form."""
     loader = BatchLoader(ids, images_dir, masks_dir, batch_size, num_classes, shuffle, seed, image_size)

@@ -1,4 +1,4 @@
-"""The seed's three Keras callbacks, with Keras's exact decision rules, for our training loop.
+"""The post's three Keras callbacks, with Keras's exact decision rules, for our training loop.
 
     ModelCheckpoint(weight_dir, period=3)                 save the best model, looking every 3rd epoch
     ReduceLROnPlateau(factor=0.5, patience=3, verbose=1)  halve the learning rate on a plateau
@@ -168,7 +168,7 @@ class EarlyStopping(MonitorCallback):
 
     Keras counts every epoch (``wait += 1``) and resets the count to 0 on an improvement, so the
     stop comes at the ``patience``-th epoch in a row without one. As with Keras's default
-    ``restore_best_weights=False`` (the seed's setting), the model keeps its last weights; the best
+    ``restore_best_weights=False`` (the post's setting), the model keeps its last weights; the best
     ones are in the checkpoint folder.
     """
 
@@ -210,10 +210,10 @@ class ModelCheckpoint(MonitorCallback):
     """Save the model into ``directory`` every ``period`` epochs, or with ``save_best_only`` only
     when ``monitor`` beat its best so far.
 
-    ``period`` is Keras 2's (the seed's ``period=3``; Keras 3 dropped it): a counter of epochs since
+    ``period`` is Keras 2's (the post's ``period=3``; Keras 3 dropped it): a counter of epochs since
     the last look; when it reaches ``period`` it restarts and this epoch is considered, the others
     are not looked at at all. So with period 3 only epochs 3, 6, 9, ... (1-based) can be saved,
-    and "best" means best among those epochs. Files are named like the seed's,
+    and "best" means best among those epochs. Files are named like the post's,
     ``ep{epoch:03d}-loss{loss:.3f}-val_loss{val_loss:.3f}`` + ``extension``, with the epoch
     numbered from 1; ``filename`` may use any key of ``logs``. ``last_saved_path`` is the newest
     file written (with ``save_best_only``, the best model).

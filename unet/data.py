@@ -1,24 +1,24 @@
-"""The seed's Shape data set on disk: its layout, and reading and checking its files.
+"""The post's Shape data set on disk: its layout, and reading and checking its files.
 
-The seed trains on a "shape" data set that cannot be downloaded, so we draw our own
+The post trains on a "shape" data set that cannot be downloaded, so we draw our own
 (``unet/shapes.py``): RGB images with circles, triangles and squares, and a mask that gives each
 pixel its class index (0 background, 1 circle, 2 triangle, 3 square). The layout on disk is
-exactly the seed's::
+exactly the post's::
 
     ROOT/train_imgs/{i}.jpg   ROOT/train_mask/{i}.png    ids 0 .. num_images-num_test-1 (train + val)
     ROOT/test_imgs/{i}.jpg    ROOT/test_mask/{i}.png     the last num_test ids (test)
 
-(the seed has no test masks; we keep them so the test IoU is computed from files), and a folder
+(the post has no test masks; we keep them so the test IoU is computed from files), and a folder
 the generator wrote also holds ``ROOT/shapes.json``, its parameters. A user's own data set in the
 same layout is read the same way.
 
-A mask PNG we write holds the class index in every channel it has, so the seed's
+A mask PNG we write holds the class index in every channel it has, so the post's
 ``cv.imread(path)[:, :, 0]`` reads it back (OpenCV's default read turns a 1-channel PNG into 3
 equal channels). We read masks unchanged instead (``read_mask``), so that a user's masks in the
 other usual layouts (16-bit, palette PNGs, the class colours) are read as they are meant, and any
 other layout is an error that says what was found: OpenCV's colour read would turn them into
 zeros, all background. Files are read by their content (``unet/imagefiles.py``), the reader
-predict.py uses too. Images are kept in OpenCV's BGR order, as the seed feeds them to the network.
+predict.py uses too. Images are kept in OpenCV's BGR order, as the post feeds them to the network.
 Batches are read by ``unet/batches.py``.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .imagefiles import ImageFileError, decode_bytes, is_palette_png, palette_in
 
 NUM_CLASSES = 4
 CLASS_NAMES = ("background", "circle", "triangle", "square")
-# The seed's colours for predicted masks, one per class, in OpenCV's BGR order.
+# The post's colours for predicted masks, one per class, in OpenCV's BGR order.
 PALETTE = [[0, 0, 0], [0, 0, 128], [0, 128, 0], [128, 0, 0]]
 JPEG_QUALITY = 95
 
@@ -68,13 +68,13 @@ class DatasetDirs(NamedTuple):
 
 
 def dataset_dirs(root) -> DatasetDirs:
-    """The four folders of the seed's layout under ``root``."""
+    """The four folders of the post's layout under ``root``."""
     root = os.fspath(root)
     return DatasetDirs(*(os.path.join(root, name) for name in ("train_imgs", "train_mask", "test_imgs", "test_mask")))
 
 
 def split_ids(num_images=1000, num_test=100, num_val=100):
-    """The seed's split by id: ``(train_ids, val_ids, test_ids)`` as consecutive ranges.
+    """The post's split by id: ``(train_ids, val_ids, test_ids)`` as consecutive ranges.
 
     With the defaults: range(0, 800), range(800, 900), range(900, 1000). Train and val ids live in
     the train folders, test ids in the test folders.
@@ -130,7 +130,7 @@ def _check_size(path, array, image_size):
 
 
 def load_image(path, image_size=None):
-    """An image as float32 (H, W, 3) in [-1, 1] (the seed's ``img / 127.5 - 1``), BGR order.
+    """An image as float32 (H, W, 3) in [-1, 1] (the post's ``img / 127.5 - 1``), BGR order.
 
     With ``image_size`` (an int or (H, W)) a different size raises DatasetError; nothing is resized.
     """
@@ -160,7 +160,7 @@ def read_mask(path, palette=PALETTE):
     """The class index of every pixel of a mask file (H, W), uint8 or uint16, read unchanged.
 
     Accepted: one channel of 8 or 16 bits (the index itself); a palette PNG (its palette indices);
-    three (or four, fully opaque) equal channels, the seed's own format read by
+    three (or four, fully opaque) equal channels, the post's own format read by
     ``cv.imread(path)[:, :, 0]``; and a colour image in the class ``palette`` (what ``colorize_mask``
     writes), mapped back to indices. Anything else raises DatasetError saying what was found:
     OpenCV's colour read would turn a 16-bit or palette mask into zeros, i.e. all background, and
@@ -226,7 +226,7 @@ def one_hot(mask, num_classes, dtype=np.float32):
 
 
 def colorize_mask(mask, palette=PALETTE):
-    """Class indices (H, W) -> uint8 colour image (H, W, 3), the seed's way of saving predictions."""
+    """Class indices (H, W) -> uint8 colour image (H, W, 3), the post's way of saving predictions."""
     return np.asarray(palette, np.uint8)[np.asarray(mask)]
 
 

@@ -1,9 +1,9 @@
-"""The seed's two U-Nets, written on minitensor line for line like its Keras code.
+"""The post's two U-Nets, written on minitensor line for line like its Keras code.
 
 * ``unet``: the 2015 paper's network: 'valid' 3x3 convolutions (each shrinks the map by 2 px),
   so the encoder's maps are larger than the decoder's and are cropped before each skip
   concatenation (88/40/16/4 px per side at 572x572); 572x572 in, 388x388 out; ~31M parameters.
-* ``small_unet``: the seed's Shape-dataset network: 'same' convolutions, no crops, 32..256
+* ``small_unet``: the post's Shape-dataset network: 'same' convolutions, no crops, 32..256
   channels, 4 classes.
 
 ``base_filters`` scales every channel count (64 -> 64, 128, ..., 1024 for ``unet``), so tests and
@@ -148,7 +148,7 @@ def unet(input_shape=(572, 572, 3), num_classes=21, base_filters=64, dtype="floa
 
 
 def small_unet(input_shape=(128, 128, 3), num_classes=4, base_filters=32, dtype="float32"):
-    """The seed's small U-Net for the Shape dataset: 'same' convolutions, no crops.
+    """The post's small U-Net for the Shape dataset: 'same' convolutions, no crops.
 
     Args:
         input_shape: (H, W, C) with H and W multiples of 16 (four 2x poolings, then four 2x

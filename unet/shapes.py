@@ -1,6 +1,6 @@
 """Draw the Shape data set: circles, triangles and squares on random backgrounds, with their masks.
 
-``generate_shapes`` writes a whole data set in the seed's layout (``unet/data.py``);
+``generate_shapes`` writes a whole data set in the post's layout (``unet/data.py``);
 ``ensure_dataset`` is what ``train.py`` calls: it generates a data set where the folder is new or
 empty, completes one this module wrote (its ``shapes.json``, marked incomplete while drawing), and
 never draws into anyone else's folder. From the shell: ``python -m unet.shapes --out shape``
@@ -171,7 +171,7 @@ def _holds_anything(root):
 
 
 def generate_shapes(root, num_images=1000, image_size=128, num_test=100, seed=0, overwrite=False):
-    """Draw the shape data set into ``root`` in the seed's layout and return a summary dict.
+    """Draw the shape data set into ``root`` in the post's layout and return a summary dict.
 
     Deterministic: the same arguments give byte-identical files. Without ``overwrite`` the files
     already there are kept (so an interrupted run resumes where it stopped); a folder generated
@@ -267,7 +267,7 @@ def _ensure(root, params, log):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m unet.shapes",
-        description="Generate the shape segmentation data set (circles, triangles, squares) in the seed's layout.")
+        description="Generate the shape segmentation data set (circles, triangles, squares) in the post's layout.")
     parser.add_argument("--out", default="shape", help="data set folder (default: shape)")
     parser.add_argument("--num-images", type=int, default=1000, help="images in all (default: 1000)")
     parser.add_argument("--num-test", type=int, default=100,

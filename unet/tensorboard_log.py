@@ -1,5 +1,5 @@
 """train.py --tensorboard DIR: the run as TensorBoard shows it (``tensorboard --logdir DIR``), as Keras's
-TensorBoard callback would have written it for the seed's ``fit``.
+TensorBoard callback would have written it for the post's ``fit``.
 
 What is written, at step = the epoch's number (1-based, as the epoch lines count):
 

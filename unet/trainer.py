@@ -1,4 +1,4 @@
-"""The seed's ``model.fit_generator`` written out, and checkpoints a run resumes from exactly.
+"""The post's ``model.fit_generator`` written out, and checkpoints a run resumes from exactly.
 
 ``Trainer.fit`` runs epochs of batches, validates after each epoch and calls the callbacks
 (checkpoint, learning-rate schedule, early stopping) as Keras does. Whatever stops it (Ctrl-C,
