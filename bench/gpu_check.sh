@@ -170,7 +170,9 @@ for name in "${STEPS[@]}"; do
     limit=$(limit_of "$name")
     echo "== $name (at most $limit s)"
     start=$SECONDS
-    timeout --kill-after=5 "$limit" bash "$0" --run-step "$name" > "$OUT/$name.log" 2>&1
+    # KILL, not TERM, for the step's whole process group: train.py answers SIGTERM by finishing its
+    # batch and saving a checkpoint, which a step out of time must not wait for (nor outlive the script).
+    timeout --signal=KILL "$limit" bash "$0" --run-step "$name" > "$OUT/$name.log" 2>&1
     status=$?
     tail -n 25 "$OUT/$name.log"
     last=$(grep -v '^[[:space:]]*$' "$OUT/$name.log" | tail -n 1)
