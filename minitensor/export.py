@@ -1,7 +1,7 @@
 """Write a saved minitensor model in a format other tools read: ONNX, or Keras 3 weights.
 
     python -m minitensor.export UNet_weight/best.npz unet.onnx           # ONNX (pip install 'minitensor[onnx]')
-    python -m minitensor.export UNet_weight/best.npz unet.weights.h5     # for the seed's Keras model's load_weights
+    python -m minitensor.export UNet_weight/best.npz unet.weights.h5     # for the post's Keras model's load_weights
 
 The format follows the output's name: ``.onnx`` (minitensor/onnx_export.py) or ``.weights.h5``
 (minitensor/keras_io.py). MODEL is any file ``Model.save`` wrote: train.py's last.npz, best.npz

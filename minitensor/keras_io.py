@@ -1,9 +1,9 @@
-"""Keras weight files, both ways: read weights written by Keras, so a model trained with the seed's code
+"""Keras weight files, both ways: read weights written by Keras, so a model trained with the post's code
 runs on minitensor, and write a minitensor model's weights for the same model built in Keras.
 
-Two layouts exist, and both are read by layer *name* (the seed names every layer):
+Two layouts exist, and both are read by layer *name* (the post names every layer):
 
-* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the seed's ModelCheckpoint with
+* legacy ``.h5`` (Keras 2's ``save_weights('x.h5')``, what the post's ModelCheckpoint with
   ``save_weights_only=True`` writes, and Keras 3's legacy writer): the root attribute
   ``layer_names`` lists the layers; group ``<layer>`` has an attribute ``weight_names`` such as
   ``[b'conv/kernel:0', b'conv/bias:0']`` and a dataset at each of those paths.
@@ -143,7 +143,7 @@ def keras_layer_order(model):
 def write_keras_weights(model, path):
     """Write the model's weights to ``path`` as a Keras 3 ``.weights.h5``, atomically.
 
-    The same model built in Keras (the seed's code, with the same layer classes in the same
+    The same model built in Keras (the post's code, with the same layer classes in the same
     graph) loads it with ``keras_model.load_weights(path)``; ``Model.load_keras_weights`` reads it
     back. Keras reads a file of this layout only under a name ending in ``.weights.h5``, so any
     other name is refused (ModelFileError), as Keras's ``save_weights`` refuses it.
