@@ -48,7 +48,7 @@ from unet import small_unet, unet
 from unet.augment import Augmenter
 from unet.batches import BatchLoader
 from unet.data import NUM_CLASSES, DatasetError, check_dataset, dataset_dirs, split_ids
-from unet.folders import FolderLock, OutputFolderError, check_apart, check_writable_folder, run_files, test_mask_files
+from unet.folders import FolderLock, OutputFolderError, check_apart, check_writable_folder, run_files, predicted_mask_files
 from unet.models import valid_unet_sizes
 from unet.report import write_results
 from unet.shapes import ensure_dataset
@@ -245,7 +245,7 @@ def claim_output_folders(args, stack, test_ids, log=print):
                          f"files), which TensorBoard would show mixed with this run's. Continue that run with "
                          f"--resume, give this run another --tensorboard folder, or pass --start-over to delete them")
     if args.start_over:
-        files += test_mask_files(args.results_dir, test_ids) + events
+        files += predicted_mask_files(args.results_dir, test_ids) + events
         for path in files:
             os.remove(path)
         if files:

@@ -79,7 +79,7 @@ def run_files(weights_dir, results_dir):
     return sorted(checkpoints) + [path for path in results if path not in checkpoints]
 
 
-def test_mask_files(results_dir, ids):
+def predicted_mask_files(results_dir, ids):
     """The colored test masks a run wrote into ``results_dir`` for these test ids."""
     return [path for index in ids if os.path.exists(path := os.path.join(results_dir, f"{index}.png"))]
 
