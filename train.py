@@ -48,7 +48,8 @@ from unet import small_unet, unet
 from unet.augment import Augmenter
 from unet.batches import BatchLoader
 from unet.data import NUM_CLASSES, DatasetError, check_dataset, dataset_dirs, split_ids
-from unet.folders import FolderLock, OutputFolderError, check_apart, check_writable_folder, run_files, predicted_mask_files
+from unet.folders import (FolderLock, OutputFolderError, check_apart, check_writable_folder, predicted_mask_files,
+                          run_files)
 from unet.models import valid_unet_sizes
 from unet.report import write_results
 from unet.shapes import ensure_dataset
