@@ -21,6 +21,7 @@ L depends on x through both paths: dL/dx = dL/dx|path 1 + dL/dx|path 2. That one
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -199,15 +200,15 @@ class Model:
         return grads.get(id(self.input))
 
     def _reader_counts(self):
-        counts = {}
-        for node in self.nodes:
-            for tensor in node.inputs:
-                counts[id(tensor)] = counts.get(id(tensor), 0) + 1
-        return counts
+        """How many layers read each tensor: the forward pass drops a value once its last reader ran."""
+        return collections.Counter(id(tensor) for node in self.nodes for tensor in node.inputs)
 
     def clear_cache(self):
+        """Drop what every layer and the loss kept from a forward pass for its backward."""
         for layer in self.layers:
             layer.clear_cache()
+        if self.loss is not None:
+            self.loss.clear_cache()
 
     # ----- Keras-style training API ------------------------------------------------------
     def compile(self, optimizer="adam", loss="binary_crossentropy"):
@@ -266,10 +267,8 @@ class Model:
     def train_step(self, x, y, sample_weight=None):
         """One step (forward, loss, backward, optimizer update) that does not wait for the device.
 
-        Returns the loss before the update as a scalar on the model's device: a training loop
-        reads it when it needs it (``float(...)``), many steps later if it likes. ``y`` is one-hot
-        like the output, or class indices (N, H, W) of an integer dtype.
-
+        Returns the loss before the update as a scalar on the model's device, for the loop to read
+        when it needs it. ``y`` is one-hot like the output, or class indices (N, H, W), integers.
         A NaN or infinite loss (NaN targets or weights, divergence) changes no weight and no
         moment: on the CPU the update is skipped, on the GPU the fused Adam kernel checks the
         loss on the device and leaves everything as it was. Adam's step count still advances
@@ -277,14 +276,20 @@ class Model:
         """
         if self.optimizer is None:
             raise RuntimeError("call model.compile(optimizer, loss) before training")
-        value, use_logits = self._loss_and_gradient(x, y, sample_weight)
+        value = self.compute_gradients(x, y, sample_weight, skip_if_not_finite=True)
         on_host = backend.device_of(value) == backend.CPU
-        if on_host and not math.isfinite(float(value)):
-            self.loss.clear_cache()
+        if not (on_host and not math.isfinite(float(value))):
+            self.optimizer.step(self.params, self.grads, guard=None if on_host else value)
+        return value
+
+    def compute_gradients(self, x, y, sample_weight=None, skip_if_not_finite=False):
+        """Forward, loss and backward, no update: the loss (a device scalar), dL/dparams left in ``grads``
+        (data_parallel.py sums them across processes). ``skip_if_not_finite``: a NaN loss on the CPU skips backward."""
+        value, use_logits = self._loss_and_gradient(x, y, sample_weight)
+        if skip_if_not_finite and backend.device_of(value) == backend.CPU and not math.isfinite(float(value)):
             self.clear_cache()
-            return value
-        self.backward(self.loss.backward(), from_logits=use_logits, input_grad=False)
-        self.optimizer.step(self.params, self.grads, guard=None if on_host else value)
+        else:
+            self.backward(self.loss.backward(), from_logits=use_logits, input_grad=False)
         return value
 
     def train_on_batch(self, x, y, sample_weight=None) -> float:
@@ -301,7 +306,6 @@ class Model:
     def test_step(self, x, y, sample_weight=None):
         """The loss on a batch as a scalar on the model's device, without changing anything."""
         value, _ = self._loss_and_gradient(x, y, sample_weight)
-        self.loss.clear_cache()
         self.clear_cache()
         return value
 
@@ -311,8 +315,7 @@ class Model:
 
     def predict(self, x, batch_size=32):
         """Output probabilities as a NumPy array, whatever the device; x is NumPy (N, H, W, C)."""
-        if not hasattr(x, "shape"):           # a list, as Keras takes it
-            x = np.asarray(x)
+        x = x if hasattr(x, "shape") else np.asarray(x)    # a list, as Keras takes it
         if getattr(x, "ndim", None) == 3:
             raise ValueError(f"predict expects a batch (N, H, W, C), got shape {tuple(x.shape)}; use x[None]")
         if len(x) == 0:
@@ -347,12 +350,9 @@ class Model:
                 for wname, w in zip(layer.weight_names, layer.get_weights())}
 
     def save(self, path, extra=None):
-        """Write weights, architecture and optimizer state to one ``.npz``, atomically.
-
-        The file is written under a temporary name in the same folder and renamed over ``path``
-        only once complete, so an interrupted save never destroys the previous file.
-        ``extra`` is a dict of JSON-able training state (epoch, callbacks, RNG) kept alongside.
-        """
+        """Write weights, architecture and optimizer state to one ``.npz``, atomically (a temporary file
+        renamed over ``path`` once complete: an interrupted save never destroys the previous file).
+        ``extra`` is a dict of JSON-able training state (epoch, callbacks, RNG) kept alongside."""
         if os.path.isdir(path):
             raise ModelFileError(f"{path}: is a folder; give a file path such as {os.path.join(path, 'model.npz')}")
         optimizer_state = self.optimizer.get_state() if self.optimizer is not None else None
