@@ -179,51 +179,61 @@ class Augmenter:
         grid, sigma: the elastic grid (3x3) and its displacement standard deviation (10 px).
         max_rotation, max_shift: affine ranges, in degrees and in fractions of the image side.
 
-    ``get_state()`` / ``set_state()`` save and restore the generator (JSON-serialisable), so a
-    resumed training run draws exactly the deformations the interrupted one would have drawn.
+    Random streams. Called with ``keys`` (one tuple of ints per sample, the trainer's
+    ``(epoch, image id)``), each sample draws from its own generator, seeded by ``(seed, *key)``:
+    its deformation depends on nothing else, not on the batch it came in, the samples before it
+    or how many processes share the batch (a data-parallel run augments every image as one
+    process would). Without ``keys``, the samples draw one after another from the augmenter's
+    own generator, whose ``get_state()`` / ``set_state()`` (JSON-serialisable) let a resumed run
+    continue its stream exactly (the trainer before per-sample streams; one's own loops).
     """
 
     def __init__(self, seed=0, elastic=True, affine=True, intensity=True, flips=False, grid=ELASTIC_GRID,
                  sigma=ELASTIC_SIGMA, max_rotation=MAX_ROTATION_DEGREES, max_shift=MAX_SHIFT_FRACTION):
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.elastic, self.affine, self.intensity, self.flips = elastic, affine, intensity, flips
         self.grid, self.sigma = grid, sigma
         self.max_rotation, self.max_shift = max_rotation, max_shift
 
-    def draw_field(self, shape):
+    def draw_field(self, shape, rng=None):
         """One random displacement field (H, W, 2): elastic plus affine, whichever are on."""
+        rng = self.rng if rng is None else rng
         field = np.zeros((*shape[:2], 2), np.float32)
         if self.elastic:
-            field += elastic_field(self.rng, shape, self.grid, self.sigma)
+            field += elastic_field(rng, shape, self.grid, self.sigma)
         if self.affine:
-            field += affine_field(self.rng, shape, self.max_rotation, self.max_shift)
+            field += affine_field(rng, shape, self.max_rotation, self.max_shift)
         return field
 
-    def augment_one(self, image, labels, weights=None):
+    def augment_one(self, image, labels, weights=None, rng=None):
         """One sample: image (H, W, C) float, labels (H, W) uint8, optional weights (H, W) float.
 
         Returns ``(image, labels, weights)`` flipped and deformed by one random field (weights
         bilinearly, so a border-weight map follows its mask); ``weights`` stays None if not given.
+        ``rng``: the generator to draw from (default: the augmenter's own).
         """
+        rng = self.rng if rng is None else rng
         if self.flips:
-            symmetry = int(self.rng.integers(8))
+            symmetry = int(rng.integers(8))
             image, labels = dihedral(image, symmetry), dihedral(labels, symmetry)
             weights = None if weights is None else dihedral(weights, symmetry)
         if self.elastic or self.affine:   # without either the field is zero: no resampling at all
-            field = self.draw_field(image.shape)
+            field = self.draw_field(image.shape, rng)
             image, labels = apply_field(image, labels, field)
             if weights is not None:
                 weights = warp(weights, field, cv.INTER_LINEAR)
         if self.intensity:
-            image = jitter_intensity(image, self.rng.uniform(*CONTRAST_RANGE), self.rng.uniform(*BRIGHTNESS_RANGE))
+            image = jitter_intensity(image, rng.uniform(*CONTRAST_RANGE), rng.uniform(*BRIGHTNESS_RANGE))
         return image, labels, weights
 
-    def __call__(self, images, masks, weights=None):
+    def __call__(self, images, masks, weights=None, keys=None):
         """Augment a batch: images (N, H, W, C) float32 in [-1, 1], masks (N, H, W, K) one-hot or
         (N, H, W) uint8 class indices.
 
         Optional ``weights`` (N, H, W), e.g. precomputed border-weight maps, are deformed with
-        their sample's field. Returns new arrays, ``(images, masks)`` or, with weights,
+        their sample's field. ``keys``: a tuple of ints per sample, for per-sample random streams
+        (see the class doc). Returns new arrays, ``(images, masks)`` or, with weights,
         ``(images, masks, weights)``, with the input shapes and dtypes.
         """
         as_labels = masks.ndim == images.ndim - 1
@@ -233,16 +243,24 @@ class Augmenter:
         if not as_labels and num_classes > 256:
             raise ValueError(f"masks with {num_classes} classes do not fit the uint8 labels cv2.remap moves")
         labels = masks if as_labels else masks.argmax(axis=-1).astype(np.uint8)
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} samples: give one key per sample")
         out_images, out_labels, out_weights = [], [], []
         for index in range(len(images)):
+            rng = None if keys is None else self.sample_generator(keys[index])
             image, label, weight = self.augment_one(images[index], labels[index],
-                                                    None if weights is None else weights[index])
+                                                    None if weights is None else weights[index], rng)
             out_images.append(image)
             out_labels.append(label)
             out_weights.append(weight)
         out_labels = np.stack(out_labels)
         result = (np.stack(out_images), out_labels if as_labels else one_hot(out_labels, num_classes, masks.dtype))
         return result if weights is None else result + (np.stack(out_weights),)
+
+    def sample_generator(self, key):
+        """The generator of the sample with this key (a tuple of non-negative ints): seeded by
+        ``(seed, *key)`` through NumPy's SeedSequence, so nearby keys give unrelated streams."""
+        return np.random.default_rng([self.seed, *(int(part) for part in key)])
 
     def get_state(self):
         return {"rng": copy.deepcopy(self.rng.bit_generator.state)}
