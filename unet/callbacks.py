@@ -222,7 +222,7 @@ class ModelCheckpoint(MonitorCallback):
     STATE = ("best", "epochs_since_last_save", "last_saved_path")
 
     def __init__(self, directory, filename="ep{epoch:03d}-loss{loss:.3f}-val_loss{val_loss:.3f}", extension=".npz",
-                 monitor="val_loss", save_best_only=True, period=3, mode="auto", verbose=0, log=print):
+                 monitor="val_loss", save_best_only=True, period=3, mode="auto", verbose=0, log=print, writes=True):
         super().__init__(monitor, mode, 0.0, verbose, log)
         if period < 1:
             raise ValueError(f"period must be at least 1, got {period}")
@@ -232,6 +232,7 @@ class ModelCheckpoint(MonitorCallback):
         self.period = period
         self.epochs_since_last_save = 0
         self.last_saved_path = None
+        self.writes = writes        # False on the ranks of a data-parallel run that do not write (all but 0)
 
     def on_epoch_end(self, epoch, logs):
         self.epochs_since_last_save += 1
@@ -262,6 +263,7 @@ class ModelCheckpoint(MonitorCallback):
     def _save(self, path, message):
         if self.verbose > 0:
             self.log(message)
-        os.makedirs(self.directory, exist_ok=True)
-        self.model.save(path)
+        if self.writes:
+            os.makedirs(self.directory, exist_ok=True)
+            self.model.save(path)
         self.last_saved_path = path

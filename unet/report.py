@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from minitensor.distributed import SingleProcess
 from minitensor.files import atomic_write_bytes
 
 from .data import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize_mask, load_mask, read_bgr, write_image_atomic
@@ -100,29 +101,47 @@ def json_text(value):
     return json.dumps(clean(value), indent=2, allow_nan=False)
 
 
-def predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta=False):
-    """Colored masks of every test image into ``results_dir``; returns (BGR images, label maps)."""
+def predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta=False, world=None):
+    """Colored masks of every test image into ``results_dir``; returns the label maps, in test_ids order.
+
+    With a data-parallel ``world`` (minitensor/distributed.py), batch b is predicted by rank
+    b mod N and the label maps (uint8) are gathered; rank 0 writes every mask and gets them all,
+    the other ranks get None."""
+    world = world or SingleProcess()
+
     def predict(images):
         (inputs,) = fit_to_model(model, images)
         return crop_output(model.predict(inputs, batch_size=batch_size), images.shape[1])
 
-    images_bgr, predictions = [], []
-    for start in range(0, len(test_ids), batch_size):
+    starts = list(range(0, len(test_ids), batch_size))
+    mine = {}
+    for start in starts[world.rank::world.size]:
         ids = test_ids[start:start + batch_size]
         batch = np.stack([read_bgr(os.path.join(dirs.test_images, f"{i}.jpg")) for i in ids])
         probabilities = predict_views(predict, batch.astype(np.float32) / 127.5 - 1, 8 if tta else 1)
-        labels = probabilities.argmax(axis=-1)
-        for index, label_map in zip(ids, labels):
-            write_image_atomic(os.path.join(results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))
-        images_bgr.extend(batch)
-        predictions.extend(labels)
-    return images_bgr, predictions
+        mine[start] = probabilities.argmax(axis=-1).astype(np.uint8)
+    gathered = {start: labels for part in world.allgather(mine) for start, labels in part.items()}
+    if not world.is_writer:
+        return None
+    predictions = [label_map for start in starts for label_map in gathered[start]]
+    for index, label_map in zip(test_ids, predictions):
+        write_image_atomic(os.path.join(results_dir, f"{index}.png"), colorize_mask(label_map, PALETTE))
+    return predictions
 
 
-def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=False, log=print, weights=None):
+def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=False, log=print, weights=None,
+                  world=None):
     """Everything a finished run leaves in ``results_dir``: masks, metrics.json (scored from the mask
     files, with ``weights``: which weights predicted them), history.csv, training.png,
-    predictions.png. Returns the scores (None without test images)."""
+    predictions.png. Returns the scores (None without test images).
+
+    Data-parallel: every rank of ``world`` calls it; they share out the predictions, and rank 0
+    alone writes (the others return None)."""
+    world = world or SingleProcess()
+    if not world.is_writer:
+        if test_ids:
+            predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta, world)
+        return None
     os.makedirs(results_dir, exist_ok=True)
     write_history_csv(os.path.join(results_dir, "history.csv"), history)
     if history:
@@ -130,7 +149,7 @@ def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=F
     if not test_ids:
         log(f"no test images (--num-test 0): wrote history.csv and training.png to {results_dir}, no predictions")
         return None
-    images, predictions = predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta)
+    predictions = predict_test_set(model, test_ids, dirs, results_dir, batch_size, tta, world)
     scores = score_mask_files(dirs.test_masks, results_dir, test_ids, NUM_CLASSES, palette=PALETTE)
     log(f"Test set (from the files in {results_dir} against {dirs.test_masks}):")
     log(format_scores(scores, CLASS_NAMES))
@@ -138,7 +157,8 @@ def write_results(model, history, test_ids, dirs, results_dir, batch_size, tta=F
                       json_text({**scores, "weights": weights} if weights else scores))
     shown = min(4, len(test_ids))
     truths = [load_mask(os.path.join(dirs.test_masks, f"{i}.png"), NUM_CLASSES) for i in test_ids[:shown]]
-    plot_predictions(os.path.join(results_dir, "predictions.png"), images[:shown], truths, predictions[:shown],
+    images = [read_bgr(os.path.join(dirs.test_images, f"{i}.jpg")) for i in test_ids[:shown]]
+    plot_predictions(os.path.join(results_dir, "predictions.png"), images, truths, predictions[:shown],
                      [f"test image {i}" for i in test_ids[:shown]])
     log(f"wrote {len(test_ids)} colored masks, metrics.json, history.csv, training.png and predictions.png "
         f"to {results_dir}")

@@ -23,38 +23,35 @@ measured, and a resumed epoch reports the time of both of its parts.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
 import time
 
 from minitensor import backend
-from minitensor.checkpoint import read_checkpoint, remove_stale_temporaries, write_checkpoint
-from minitensor.files import with_prefix
+from minitensor.checkpoint import remove_stale_temporaries
+from minitensor.data_parallel import DataParallel
+from minitensor.distributed import SingleProcess
 
 from .callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .data import CLASS_NAMES, NUM_CLASSES
 from .prefetch import Prefetcher
 from .stopping import StopRequest
-from .training_state import TrainingState
 from .tiling import fit_to_model
+from .trainer_checkpoints import BEST_FILE, RESUME_FILE, CheckpointError, TrainerCheckpoints, TrainingError
+from .training_state import TrainingState
 from .weights import batch_weights
 
-RESUME_FILE = "last.npz"
-BEST_FILE = "best.npz"            # the weights of the epoch with the lowest val_loss so far
+__all__ = ["Trainer", "TrainingError", "CheckpointError", "RESUME_FILE", "BEST_FILE", "WEIGHT_CACHE"]
 WEIGHT_CACHE = "border_weights"   # the border-weight maps' cache, in the weights folder (not the user's data)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (it diverged); the message says why."""
+def rank_slice(ids, rank, size):
+    """Rank ``rank``'s contiguous part of one global batch ``ids``: sizes differ by at most one."""
+    return ids[len(ids) * rank // size:len(ids) * (rank + 1) // size]
 
 
-class CheckpointError(TrainingError):
-    """--resume cannot continue from this checkpoint (missing, corrupt, other settings); the message says what to do."""
-
-
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Epochs of batches, validation and callbacks, with checkpoints to resume from (see the module doc).
 
     ``fingerprint`` holds the settings a resumed run must share with the one it continues;
@@ -71,11 +68,23 @@ class Trainer:
     whatever the device and the read interval. With ``prefetch`` the next batch is read and
     augmented in a background thread during each step (unet/prefetch.py); the batches, and so
     the run, are the same as without.
+
+    Data-parallel (``world``, minitensor/distributed.py, of more than one rank): every rank goes
+    through the same global batches in the same order and trains on its slice of each
+    (``rank_slice``); minitensor/data_parallel.py sums the gradients and the loss, so the
+    history is the global batch's. Validation batches are dealt out to the ranks and their
+    losses gathered and summed in batch order (the same bits as one process). Rank 0 alone
+    writes checkpoints and logs; a stop seen by any rank stops all after the same batch.
     """
 
     def __init__(self, model, train_loader, val_loader, *, epochs, weights_dir, fingerprint=None, augmenter=None,
                  border_weighted=False, class_weights=None, checkpoint_minutes=5.0, max_minutes=None, quiet=False,
-                 loss_read_every=8, prefetch=True, log=print):
+                 loss_read_every=8, prefetch=True, log=print, world=None):
+        self.world = world or SingleProcess()
+        if not self.world.is_writer:                 # one writer: rank 0 logs, the others stay silent
+            log, quiet = (lambda message: None), True
+        self.parallel = DataParallel(model, self.world) if self.world.size > 1 else None
+        self.per_sample_streams = True               # False for a run begun before them (see apply)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.epochs = epochs
         self.weights_dir = os.fspath(weights_dir)
@@ -89,7 +98,7 @@ class Trainer:
         self._unread = []            # (batch index, images, loss on the device) of batches whose loss is unread
         self.state = TrainingState(weights={}, optimizer={}, fingerprint=dict(fingerprint or {}),
                                    loader=train_loader.get_state(),
-                                   augmenter=augmenter.get_state() if augmenter else None)
+                                   augmenter={"streams": "per-sample", "seed": augmenter.seed} if augmenter else None)
         self._last_save = time.monotonic()
         self._save_seconds = 0.0     # time spent writing checkpoints in this epoch
         if border_weighted and class_weights is not None:
@@ -98,7 +107,8 @@ class Trainer:
         self.early_stopping = EarlyStopping(monitor="val_loss", min_delta=0, patience=10, verbose=1,
                                             log=self._log_above_progress)
         self.callbacks = [
-            ModelCheckpoint(weights_dir, period=3, verbose=1, log=self._log_above_progress),
+            ModelCheckpoint(weights_dir, period=3, verbose=1, log=self._log_above_progress,
+                            writes=self.world.is_writer),
             ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, verbose=1, log=self._log_above_progress),
             self.early_stopping,
         ]
@@ -121,104 +131,8 @@ class Trainer:
     def _log_above_progress(self, message):
         from tqdm import tqdm
 
-        self._guarded(tqdm.write)(message)
-
-    # -- the one state, captured and applied --
-    def capture(self) -> TrainingState:
-        """The run as it stands now, with copies of every array (later steps do not change it)."""
-        self._read_losses()
-        return dataclasses.replace(
-            self.state, weights=with_prefix(self.model.weights_dict(), "weights/"),
-            optimizer=self.model.optimizer.get_state(),
-            history=list(self.state.history), callbacks=[c.get_state() for c in self.callbacks],
-            stop_training=bool(self.model.stop_training))
-
-    def apply(self, state: TrainingState, source="the checkpoint"):
-        """Put ``state`` into the model, the optimizer, the callbacks and the augmenter."""
-        self.model.assign_weights(state.weights, source)
-        self.model.optimizer.set_state(state.optimizer)
-        for callback, saved in zip(self.callbacks, state.callbacks, strict=True):
-            callback.set_state(saved)
-        self.model.stop_training = state.stop_training
-        if self.augmenter:
-            self.augmenter.set_state(state.augmenter)
-        self.state = dataclasses.replace(state, weights={}, optimizer={})
-
-    # -- checkpoints --
-    @property
-    def resume_path(self):
-        return os.path.join(self.weights_dir, RESUME_FILE)
-
-    @property
-    def best_path(self):
-        return os.path.join(self.weights_dir, BEST_FILE)
-
-    def save_checkpoint(self):
-        """Write the TrainingState to WEIGHTS_DIR/last.npz, atomically (predict.py reads the file as a model)."""
-        started = time.perf_counter()
-        data = self.capture().to_dict()
-        write_checkpoint(self.resume_path, self.model, data["progress"], data["weights"], data["optimizer"])
-        self._last_save = time.monotonic()
-        self._save_seconds += time.perf_counter() - started
-
-    def _save_if_best(self, val_loss):
-        """Keep the weights of the epoch with the lowest val_loss in WEIGHTS_DIR/best.npz (what the test
-        set is predicted with, as Keras's ``restore_best_weights`` would have it)."""
-        state = self.state
-        if state.best_val_loss is not None and not val_loss < state.best_val_loss:
-            return
-        started = time.perf_counter()
-        state.best_val_loss, state.best_epoch = val_loss, state.epoch + 1
-        write_checkpoint(self.best_path, self.model, {"epoch": state.best_epoch, "val_loss": val_loss},
-                         optimizer_state={})
-        self._save_seconds += time.perf_counter() - started
-
-    def load_best_weights(self):
-        """Put best.npz's weights into the model (to predict with them); returns its record,
-        ``{"epoch", "val_loss"}``, or None where this run has no best.npz (a checkpoint from before
-        best.npz was kept)."""
-        if self.state.best_val_loss is None or not os.path.exists(self.best_path):
-            return None
-        checkpoint = read_checkpoint(self.best_path)
-        if checkpoint.extra.get("epoch") != self.state.best_epoch:      # not this run's best (yet)
-            return None
-        self.model.assign_weights(checkpoint.weights, self.best_path)
-        return checkpoint.extra
-
-    def restore(self):
-        """Continue from WEIGHTS_DIR/last.npz; a CheckpointError says why a checkpoint does not fit this run."""
-        path = self.resume_path
-        if not os.path.exists(path):
-            raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume to start, "
-                                  f"or point --weights-dir at the folder of the run to continue")
-        try:
-            checkpoint = read_checkpoint(path)
-            state = TrainingState.from_dict({"weights": checkpoint.weights, "optimizer": checkpoint.optimizer,
-                                             "progress": checkpoint.extra}, source=path)
-        except (ValueError, KeyError, TypeError) as error:     # ModelFileError, or a damaged "extra" record
-            raise CheckpointError(f"--resume: {error}. Start afresh with another --weights-dir (or "
-                                  f"--start-over), or continue from an older checkpoint copied to {path}") from None
-        differences = [f"--{key.replace('_', '-')} {state.fingerprint.get(key)!r} there, {value!r} here"
-                       for key, value in self.state.fingerprint.items() if state.fingerprint.get(key) != value]
-        if differences:
-            raise CheckpointError(f"--resume: {path} was written by a run with other settings: "
-                                  f"{'; '.join(differences)}. Use that run's settings, or another --weights-dir "
-                                  f"to start afresh")
-        if state.epoch > self.epochs:
-            raise CheckpointError(f"--resume: {path} has trained {state.epoch} epochs, more than "
-                                  f"--epochs {self.epochs}; pass --epochs {state.epoch} or more")
-        self.apply(state, source=path)
-        if self.model.stop_training:
-            best = (f"; its best val_loss, {state.best_val_loss:.4f}, came at epoch {state.best_epoch}"
-                    if state.best_val_loss is not None else "")
-            self.log(f"resumed from {path}: EarlyStopping ended this run after epoch {state.epoch} (val_loss had "
-                     f"not improved for {self.early_stopping.patience} epochs{best}), and a resumed run does not "
-                     f"train past it, whatever --epochs says; predicting. To train longer, start a new run "
-                     f"(another --weights-dir, or --start-over)")
-        elif self.finished:
-            self.log(f"resumed from {path}: training finished after epoch {state.epoch}; predicting")
-        else:
-            self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch}")
+        if self.world.is_writer:
+            self._guarded(tqdm.write)(message)
 
     @property
     def finished(self):
@@ -238,9 +152,12 @@ class Trainer:
         ahead = Prefetcher(self._prepare_training_batch, batches[state.batch:], enabled=self.prefetch)
         with progress, ahead:
             clock = time.perf_counter()              # the epoch's time: waiting for data, training, reading losses
-            for images, masks, weights, augmenter_state in ahead:
-                self._unread.append((state.batch, len(images),
-                                     self.model.train_step(images, masks, sample_weight=weights)))
+            for images, masks, weights, augmenter_state, batch_images in ahead:
+                if self.parallel is None:
+                    loss = self.model.train_step(images, masks, sample_weight=weights)
+                else:
+                    loss = self.parallel.train_step(images, masks, weights, share=len(images) / batch_images)
+                self._unread.append((state.batch, batch_images, loss))
                 state.augmenter = augmenter_state    # what a checkpoint after this batch must hold
                 state.batch += 1
                 progress.update(1)
@@ -251,7 +168,7 @@ class Trainer:
                     self.on_batch_end(self)
                 if state.batch == len(batches):
                     break                            # the epoch's end saves (after validation) anyway
-                if self.stop.requested:
+                if self._stop_agreed():
                     return False
                 if (self.checkpoint_minutes is not None
                         and time.monotonic() - self._last_save >= 60 * self.checkpoint_minutes):
@@ -259,11 +176,24 @@ class Trainer:
                 clock = time.perf_counter()
         return True
 
+    def _stop_agreed(self):
+        """Whether to stop now. Across ranks, the largest signal number any rank has seen, so a
+        signal that reached one rank (or reached them at different batches) stops all of them here."""
+        if self.world.size > 1:
+            signum = self.world.max_over_ranks(self.stop.signum or 0)
+            if signum:
+                self.stop.request(signal.Signals(signum))
+        return self.stop.requested
+
     def _prepare_training_batch(self, ids):
-        """(images, masks, weights, the augmenter's state after them) of one training batch; runs in
-        the prefetch thread, the augmenter's only user during an epoch."""
-        images, masks, weights = self._read_batch(self.train_loader, ids, augment=True)
-        return images, masks, weights, self.augmenter.get_state() if self.augmenter else None
+        """(images, masks, weights, the augmenter's state after them, the global batch's size) of
+        this rank's slice of one training batch; runs in the prefetch thread, the augmenter's only
+        user during an epoch. A rank whose slice is empty gets ``((), None, None, ...)``."""
+        mine = rank_slice(ids, self.world.rank, self.world.size)
+        images, masks, weights = self._read_batch(self.train_loader, mine, augment=True) if len(mine) else ((),) * 3
+        if self.augmenter is None or self.per_sample_streams:
+            return images, masks, weights, self.state.augmenter, len(ids)
+        return images, masks, weights, self.augmenter.get_state(), len(ids)
 
     def _read_losses(self, progress=None):
         """Read the unread batch losses in one transfer and add them to the epoch's sums.
@@ -301,24 +231,30 @@ class Trainer:
                                  class_weights=self.class_weights)
                    if self.border_weighted else None)
         if augment and self.augmenter is not None:
-            images, masks, *rest = self.augmenter(images, masks, weights)
+            keys = [(self.state.epoch, index) for index in ids] if self.per_sample_streams else None
+            images, masks, *rest = self.augmenter(images, masks, weights, keys=keys)
             weights = rest[0] if rest else None
         return fit_to_model(self.model, images, masks, weights)
 
     def _validate(self):
-        """Mean loss over every validation image (weighted like the training loss, never augmented)."""
-        loader = self.val_loader
-        losses, sizes = [], []
-        for start in range(0, len(loader.ids), loader.batch_size):
-            ids = loader.ids[start:start + loader.batch_size]
-            images, masks, weights = self._read_batch(loader, ids, augment=False)
+        """Mean loss over every validation image (weighted like the training loss, never augmented).
+
+        Batch b is validated by rank b mod N; the ranks' losses are gathered and summed in batch
+        order, so the mean is the same bits for any number of ranks."""
+        loader, world = self.val_loader, self.world
+        starts = range(0, len(loader.ids), loader.batch_size)
+        mine, losses = [], []
+        for batch, start in list(enumerate(starts))[world.rank::world.size]:
+            images, masks, weights = self._read_batch(loader, loader.ids[start:start + loader.batch_size], augment=False)
+            mine.append((batch, len(images)))
             losses.append(self.model.test_step(images, masks, sample_weight=weights))
-            sizes.append(len(images))
-        values = backend.read_scalars(losses)   # one read
+        values = backend.read_scalars(losses) if losses else []   # one read
+        results = sorted((batch, size, value) for part in world.allgather(
+            [(batch, size, value) for (batch, size), value in zip(mine, values)]) for batch, size, value in part)
         total = 0.0
-        for value, size in zip(values, sizes):
+        for _, size, value in results:
             total += value * size
-        return total / sum(sizes)
+        return total / sum(size for _, size, _ in results)
 
     def _end_epoch(self):
         """Validate, run the callbacks, keep the best weights and move the state to the next epoch's start."""
@@ -335,6 +271,8 @@ class Trainer:
         state.train_seconds += seconds
         for callback in self.callbacks:
             callback.on_epoch_end(state.epoch, logs)
+        if self.parallel is not None:
+            self.parallel.check_weights_agree(f"after epoch {state.epoch + 1}")
         self._save_if_best(val_loss)
         state.epoch, state.batch = state.epoch + 1, 0
         state.epoch_loss_sum, state.epoch_images, state.epoch_seconds = 0.0, 0, 0.0
@@ -363,7 +301,8 @@ class Trainer:
 
         ``max_minutes`` counts the training time of this call only, so a resumed run gets its own budget.
         """
-        remove_stale_temporaries(self.weights_dir, self.log)
+        if self.world.is_writer:
+            remove_stale_temporaries(self.weights_dir, self.log)
         session_start = self.state.train_seconds
         with self.stop:
             while not self.finished:
@@ -375,13 +314,14 @@ class Trainer:
                 self._log_epoch()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self)
-                if self.stop.requested:
+                if self._stop_agreed():
                     return self._stopped()
-                if (self.max_minutes is not None and not self.finished
-                        and self.state.train_seconds - session_start > 60 * self.max_minutes):
+                if (self.max_minutes is not None and not self.finished   # rank 0's clock decides for all
+                        and self.world.broadcast(self.state.train_seconds - session_start > 60 * self.max_minutes)):
                     self.log(f"--max-minutes {self.max_minutes:g}: stopping after epoch {self.state.epoch}; "
                              f"continue with the same command and --resume")
                     break
         for callback in self.callbacks:
             callback.on_train_end()
+        self.world.barrier()          # rank 0's last files are complete before any rank reads best.npz
         return True
