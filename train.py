@@ -25,6 +25,10 @@ One run per folder: a second train.py on the same --weights-dir or --results-dir
 the first runs, and a folder that holds an earlier run is never written over: continue it with
 --resume, or pass --start-over to delete it and begin again.
 
+Data-parallel: ``mpiexec -n N python train.py <the same flags>`` trains on N processes (CPU cores,
+or one GPU each), each on its slice of every batch of --batch-size, with the gradients summed
+across them: the same run as one process, up to float rounding (docs/data_parallel.md).
+
 Exit status: 0 done (or stopped by --max-minutes, with predictions), 1 training diverged, 2 a
 setting, file or folder that cannot be used (the message names it and the fix), 130 Ctrl-C, 143
 SIGTERM, 129 SIGHUP, 141 a closed output pipe (128 + the signal's number, as a shell reports it).
@@ -37,24 +41,26 @@ import math
 import os
 import signal
 import sys
+import traceback
 
 import minitensor  # before NumPy: minitensor/cpu_runtime.py sets what OpenBLAS reads at load
 import numpy as np
 from minitensor import backend, losses
-from minitensor.checkpoint import read_checkpoint
+from minitensor.data_parallel import WeightsDifferError
+from minitensor.distributed import DistributedError, SingleProcess, launched_rank
 from minitensor.files import ModelFileError
 from minitensor.optimizers import Adam
 from unet import small_unet, unet
 from unet.augment import Augmenter
 from unet.batches import BatchLoader
 from unet.data import NUM_CLASSES, DatasetError, check_dataset, dataset_dirs, split_ids
-from unet.folders import (FolderLock, OutputFolderError, check_apart, check_writable_folder, predicted_mask_files,
-                          run_files)
+from unet.folders import OutputFolderError
+from unet.launch import OtherRankFailed, claim_output_folders, on_rank_zero, start_world
 from unet.models import valid_unet_sizes
 from unet.report import write_results
 from unet.shapes import ensure_dataset
 from unet.stopping import Interrupted, signals_interrupt
-from unet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable, event_files, require_writer
+from unet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable
 from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError
 from unet.weights import dataset_class_weights
 
@@ -113,7 +119,7 @@ def parse_args(argv=None):
                         help="w_c of the border-weighted losses: 1 for every class (the border term alone), or "
                              "the paper's class balancing by the frequencies in each mask or in the whole training "
                              "set; on the Shape data both balancings held training at the uniform prediction "
-                             "(loss ln 4) for epochs (README)")
+                             "(loss ln 4) for epochs (docs/results.md)")
     parser.add_argument("--augment", default="none", choices=sorted(AUGMENTERS),
                         help="elastic: the paper's random elastic deformation, shift/rotation and gray-value "
                              "variation on every training batch; flip: random flips and quarter turns with the "
@@ -140,6 +146,10 @@ def parse_args(argv=None):
                         help="predict the test set 8 times, flipped and turned, and average (8x the prediction time; "
                              "the training is the same)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true", default=None,
+                        help="data-parallel over the ranks of mpiexec -n N (detected by itself when N > 1; this "
+                             "flag makes a run outside mpiexec an error): --batch-size stays the global batch "
+                             "(docs/data_parallel.md)")
     parser.add_argument("--tensorboard", metavar="DIR", default=None,
                         help="also write loss, val_loss, learning rate and images/s every epoch, and a few test "
                              "images with their masks at the end, for tensorboard --logdir DIR (needs "
@@ -201,66 +211,21 @@ def run_fingerprint(args):
     return {key: getattr(args, key) for key in keys}
 
 
-def describe_run(weights_dir, files):
-    """A few words on the earlier run whose ``files`` these are, for the message that refuses it."""
-    resume_path = os.path.join(weights_dir, RESUME_FILE)
-    words = []
-    if resume_path in files:
-        try:
-            epochs = read_checkpoint(resume_path).extra.get("epoch")
-            words.append(f"{RESUME_FILE} after {epochs} finished epoch{'s' if epochs != 1 else ''}")
-        except ModelFileError:
-            words.append(f"{RESUME_FILE}, unreadable")
-    others = [os.path.basename(path) for path in files if path != resume_path]
-    if others:
-        words.append(", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else ""))
-    return "; ".join(words)
-
-
-def claim_output_folders(args, stack, test_ids, log=print):
-    """Check the output folders, lock them for this run (released when ``stack`` closes) and make
-    sure that nothing of an earlier run is written over: refuse, unless --resume or --start-over."""
-    outputs = {"--weights-dir": args.weights_dir, "--results-dir": args.results_dir}
-    if args.tensorboard:
-        require_writer()
-        outputs["--tensorboard"] = args.tensorboard
-    check_apart(outputs, args.data)
-    for flag, folder in outputs.items():
-        check_writable_folder(folder, flag)
-    locked = set()
-    for flag, folder in outputs.items():
-        if os.path.realpath(folder) not in locked:
-            stack.callback(FolderLock(folder, flag).acquire().release)
-            locked.add(os.path.realpath(folder))
-    if args.resume:
-        return
-    files = run_files(args.weights_dir, args.results_dir)
-    if files and not args.start_over:
-        raise UsageError(f"--weights-dir {args.weights_dir} / --results-dir {args.results_dir} hold an earlier "
-                         f"run ({describe_run(args.weights_dir, files)}), which this run would write over. "
-                         f"Continue it with --resume (and its settings), give this run another --weights-dir and "
-                         f"--results-dir, or pass --start-over to delete that run and begin again")
-    events = event_files(args.tensorboard) if args.tensorboard else []
-    if events and not args.start_over:
-        raise UsageError(f"--tensorboard {args.tensorboard}: holds an earlier run's events ({len(events)} event "
-                         f"files), which TensorBoard would show mixed with this run's. Continue that run with "
-                         f"--resume, give this run another --tensorboard folder, or pass --start-over to delete them")
-    if args.start_over:
-        files += predicted_mask_files(args.results_dir, test_ids) + events
-        for path in files:
-            os.remove(path)
-        if files:
-            log(f"--start-over: deleted the earlier run's {len(files)} files in {args.weights_dir} and "
-                f"{args.results_dir}" + (f" and {args.tensorboard}" if events else ""))
-
-
-def prepare(args, stack, log=print):
+def prepare(args, stack, world=SingleProcess(), log=print):
     """Output folders, data set, loaders, model and trainer (restored with --resume), or a
-    UsageError / OutputFolderError that says why not. The folders' locks are released by ``stack``."""
+    UsageError / OutputFolderError that says why not. The folders' locks are released by ``stack``.
+    Data-parallel, rank 0 alone claims the folders and generates the data set."""
     train_ids, val_ids, test_ids = split_ids(args.num_images, args.num_test, args.num_val)
-    claim_output_folders(args, stack, test_ids, log)
+
+    def claim_and_generate():
+        claim_output_folders(args, stack, test_ids, log)
+        try:
+            ensure_dataset(args.data, args.num_images, args.image_size, args.num_test, seed=args.seed, log=log)
+        except (DatasetError, ValueError, OSError) as error:
+            raise UsageError(f"the data set in {args.data} cannot be used:\n{error}") from None
+
+    on_rank_zero(world, claim_and_generate, exit_status_of)
     try:
-        ensure_dataset(args.data, args.num_images, args.image_size, args.num_test, seed=args.seed, log=log)
         check_dataset(args.data, args.num_images, args.num_test, NUM_CLASSES, args.image_size)
     except (DatasetError, ValueError, OSError) as error:
         raise UsageError(f"the data set in {args.data} cannot be used:\n{error}") from None
@@ -277,7 +242,7 @@ def prepare(args, stack, log=print):
                       border_weighted=border_weighted,
                       class_weights=class_weights_for(args, train_loader) if border_weighted else None,
                       checkpoint_minutes=args.checkpoint_minutes, max_minutes=args.max_minutes,
-                      quiet=args.quiet, log=log)
+                      quiet=args.quiet, log=log, world=world)
     if args.resume:
         trainer.restore()
         if args.lr is not None and args.lr != model.optimizer.learning_rate:
@@ -305,6 +270,63 @@ def prediction_weights(trainer, predict_with, log=print):
     return {"file": trainer.best_path, **best}
 
 
+USER_ERRORS = (UsageError, OutputFolderError, CheckpointError, ModelFileError, DatasetError, TensorBoardUnavailable,
+               DistributedError)
+
+
+def exit_status_of(error):
+    """The status train.py ends with after ``error`` (the module doc's table)."""
+    if isinstance(error, OtherRankFailed):
+        return error.status
+    if isinstance(error, USER_ERRORS):
+        return 2
+    if isinstance(error, BrokenPipeError):      # train.py | head: the reader has all it wanted
+        return 128 + signal.SIGPIPE
+    if isinstance(error, OSError):
+        return 2
+    if isinstance(error, KeyboardInterrupt):    # a second stop signal, or one outside training
+        return error.exit_status if isinstance(error, Interrupted) else 130
+    return 1                                    # TrainingError, WeightsDifferError, a bug
+
+
+def tell(error, args, prefix=""):
+    """Print what ``error`` means for the user (to stderr), as ``exit_status_of`` ends on it."""
+    if isinstance(error, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    elif isinstance(error, OSError) and not isinstance(error, USER_ERRORS):
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{prefix}error: {where}{error.strerror or error}; check that the disk has room and the folder is "
+              f"writable, then continue with --resume", file=sys.stderr)
+    elif isinstance(error, KeyboardInterrupt):
+        resume_path = os.path.join(args.weights_dir, RESUME_FILE)
+        kept = f"the last checkpoint is {resume_path}" if os.path.exists(resume_path) else "no checkpoint was written"
+        with contextlib.suppress(OSError):
+            print(f"{prefix}stopped ({error.args[0] if isinstance(error, Interrupted) else 'Ctrl-C'}); {kept}",
+                  file=sys.stderr)
+    elif isinstance(error, USER_ERRORS + (TrainingError, WeightsDifferError)):
+        print(f"{prefix}error: {error}", file=sys.stderr)
+    else:                                       # a bug: the whole traceback
+        print(f"{prefix}" + "".join(traceback.format_exception(error)), file=sys.stderr, end="")
+
+
+def set_up(args, stack, world, log):
+    """``prepare`` on every rank, then agreement: if it failed on any rank, every rank raises (the
+    failing rank's error there, OtherRankFailed elsewhere), and only one rank has printed why."""
+    try:
+        result, failure = prepare(args, stack, world, log), None
+    except Exception as error:          # noqa: BLE001 (every rank must hear of it before any exits)
+        result, failure = None, error
+    statuses = world.allgather(None if failure is None else exit_status_of(failure))
+    if failure is not None:
+        if not isinstance(failure, OtherRankFailed) and (world.rank == 0 or statuses[0] is None):
+            tell(failure, args, prefix=f"rank {world.rank}: " if world.rank else "")
+        raise OtherRankFailed(exit_status_of(failure))
+    first = next((status for status in statuses if status is not None), None)
+    if first is not None:
+        raise OtherRankFailed(first)
+    return result
+
+
 def main(argv=None, on_batch_end=None):
     args = parse_args(argv)
     try:
@@ -312,46 +334,51 @@ def main(argv=None, on_batch_end=None):
     except RuntimeError as error:
         print(f"error: --device {args.device}: {error}", file=sys.stderr)
         return 2
-    fallback = args.device == "auto" and device == "cpu"
+    try:
+        world = start_world(args.distributed, device)
+    except DistributedError as error:
+        if launched_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    say = print if world.is_writer else (lambda *args, **kwargs: None)
+    fallback, training = args.device == "auto" and device == "cpu", False
     try:
         with contextlib.ExitStack() as stack, signals_interrupt():
-            print(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
-            trainer, test_ids, dirs = prepare(args, stack)
+            say(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
+            if world.size > 1:
+                say(f"data-parallel: {world.size} ranks, each {args.batch_size / world.size:g} images of every "
+                    f"batch of {args.batch_size} (docs/data_parallel.md)")
+            trainer, test_ids, dirs = set_up(args, stack, world, say)
+            training = True          # from here on an error on one rank must end all of them (MPI abort)
             trainer.model.to(device)
             trainer.on_batch_end = on_batch_end
-            board = TensorBoardLog(args.tensorboard, trainer.state.history) if args.tensorboard else None
+            board = TensorBoardLog(args.tensorboard, trainer.state.history) if args.tensorboard and world.is_writer \
+                else None
             if board:
                 stack.callback(board.close)
                 trainer.on_epoch_end = board.epoch_end
             if not trainer.fit():
                 return trainer.stop.exit_status
-            weights = prediction_weights(trainer, args.predict_with)
+            weights = prediction_weights(trainer, args.predict_with, log=say)
             write_results(trainer.model, trainer.state.history, test_ids, dirs, args.results_dir, args.batch_size,
-                          args.tta, weights=weights)
+                          args.tta, log=say, weights=weights, world=world)
             if board:
                 board.test_images(trainer.state.epoch, test_ids, dirs, args.results_dir)
-    except (UsageError, OutputFolderError, CheckpointError, ModelFileError, DatasetError, TensorBoardUnavailable) \
-            as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:          # train.py | head: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}; check that the disk has room and the folder is writable, "
-              f"then continue with --resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as error:           # a second stop signal, or one outside training
-        resume_path = os.path.join(args.weights_dir, RESUME_FILE)
-        kept = f"the last checkpoint is {resume_path}" if os.path.exists(resume_path) else "no checkpoint was written"
-        with contextlib.suppress(OSError):
-            print(f"stopped ({error.args[0] if isinstance(error, Interrupted) else 'Ctrl-C'}); {kept}",
-                  file=sys.stderr)
-        return error.exit_status if isinstance(error, Interrupted) else 130
+    except (Exception, KeyboardInterrupt) as error:
+        status = exit_status_of(error)
+        if isinstance(error, OtherRankFailed):   # the rank that failed has said why
+            return status
+        if world.size == 1 and not isinstance(error, USER_ERRORS + (OSError, KeyboardInterrupt, TrainingError,
+                                                                    WeightsDifferError)):
+            raise                                # a bug in one process: Python's own traceback and exit
+        # The ranks agree on a diverged loss and on differing weights (they see the same numbers);
+        # anything else may have struck this rank alone, while the others wait for it in a collective.
+        agreed = world.size == 1 or not training or isinstance(error, (TrainingError, WeightsDifferError))
+        if world.is_writer or not agreed:
+            tell(error, args, prefix=f"rank {world.rank}: " if world.size > 1 else "")
+        if not agreed:
+            world.abort(status)
+        return status
     return 0
 
 

@@ -22,6 +22,12 @@ sleep at once.
 
 Both are defaults (``os.environ.setdefault``): a value set by the user wins.
 
+Under ``mpiexec`` (data-parallel, minitensor/distributed.py), the ranks on one machine share its
+cores: each rank's pools get ``cores // ranks on this machine`` threads (OMP_NUM_THREADS,
+NUMBA_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS), read from the launcher's environment
+(MPICH's MPI_LOCALNRANKS, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE), since N ranks with a thread per
+core each would run N times as many threads as cores. Also defaults.
+
 Memory. glibc hands every allocation above 32 MiB (a 16 x 128 x 128 x 32 float32 map is
 32 MiB) straight from the operating system and gives it back on ``free``, so each step's
 activations and gradients arrive as fresh pages, which the operating system zeroes on first
@@ -37,6 +43,8 @@ import sys
 import warnings
 
 THREAD_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+THREAD_COUNTS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+LOCAL_RANKS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")   # MPICH's and Open MPI's
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4          # from glibc's malloc.h
 _TRIM_THRESHOLD_BYTES = 2**31 - 1                # mallopt takes a C int
 
@@ -46,6 +54,15 @@ ENABLED = os.environ.get("MINITENSOR_CPU_DEFAULTS", "1").strip() != "0"
 NUMPY_WAS_LOADED_FIRST = "numpy" in sys.modules
 #: The variables the environment already had then (a shell's export, set before NumPy loaded).
 _SET_BY_USER = {name for name in THREAD_DEFAULTS if name in os.environ}
+
+
+def threads_per_rank(environ=os.environ):
+    """Threads for each pool of one rank when an MPI launcher started several on this machine, else None."""
+    ranks = next((int(environ[name]) for name in LOCAL_RANKS if environ.get(name, "").strip().isdigit()), 1)
+    if ranks <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // ranks)
 
 
 def _keep_freed_memory() -> bool:
@@ -79,6 +96,10 @@ def apply_before_numpy():
         if name == "OPENBLAS_THREAD_TIMEOUT" and NUMPY_WAS_LOADED_FIRST:
             continue                   # too late to matter; do not pretend it was applied
         os.environ.setdefault(name, value)
+    threads = threads_per_rank()
+    if threads is not None and not NUMPY_WAS_LOADED_FIRST:
+        for name in THREAD_COUNTS:
+            os.environ.setdefault(name, str(threads))
     KEEPS_FREED_MEMORY = _keep_freed_memory()
     if NUMPY_WAS_LOADED_FIRST and "OPENBLAS_THREAD_TIMEOUT" not in _SET_BY_USER:
         warnings.warn("NumPy was imported before minitensor, so OpenBLAS's idle threads will spin instead of "
