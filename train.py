@@ -61,7 +61,7 @@ from unet.report import write_results
 from unet.shapes import ensure_dataset
 from unet.stopping import Interrupted, signals_interrupt
 from unet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable
-from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError
+from unet.trainer import RESUME_FILE, CheckpointError, Trainer, TrainingError, rank_slice
 from unet.weights import dataset_class_weights
 
 DEFAULT_LR = 1e-3
@@ -345,9 +345,11 @@ def main(argv=None, on_batch_end=None):
     try:
         with contextlib.ExitStack() as stack, signals_interrupt():
             say(f"device: {device}" + (f" (no usable GPU: {backend.gpu_status()[1]})" if fallback else ""))
-            if world.size > 1:
-                say(f"data-parallel: {world.size} ranks, each {args.batch_size / world.size:g} images of every "
-                    f"batch of {args.batch_size} (docs/data_parallel.md)")
+            if world.is_distributed:
+                shares = " + ".join(str(len(rank_slice(range(args.batch_size), rank, world.size)))
+                                    for rank in range(world.size))
+                say(f"data-parallel: {world.size} rank{'s' if world.size > 1 else ''}, every batch of {args.batch_size} "
+                    f"shared out as {shares} images, gradients summed (docs/data_parallel.md)")
             trainer, test_ids, dirs = set_up(args, stack, world, say)
             training = True          # from here on an error on one rank must end all of them (MPI abort)
             trainer.model.to(device)

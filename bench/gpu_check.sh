@@ -15,10 +15,13 @@
 #   bench_small     75  python -m bench --device gpu --workload small (minitensor against PyTorch),
 #                       JSON in $OUT/bench_small.json
 #   bench_original  75  the same for the original U-Net at 572x572, batch 1 ($OUT/bench_original.json)
-#   train          120  the seed's training, python train.py --device gpu with its defaults (50 epochs,
+#   train          105  the seed's training, python train.py --device gpu with its defaults (50 epochs,
 #                       BCE, batch 16, callbacks), timed, with the test mean IoU and the peak GPU
 #                       memory (nvidia-smi, polled every half second)
-# That is 7 minutes at most, so that with the machine's start a second call fits the 15-minute lease
+#   data_parallel   40  mpiexec -n <GPUs> python train.py --device gpu --distributed, 2 short epochs: the
+#                       gradients summed by the real NCCL (one rank per GPU; on a one-GPU machine a
+#                       communicator of one rank, which still runs NCCL's Allreduce)
+# That is about 7 minutes at most, so that with the machine's start a second call fits the 15-minute lease
 # (numba's and CuPy's kernel caches are cold on every fresh machine: the first steps pay the compiles).
 # GPU_CHECK_STEPS=setup,bench_small runs only those steps (a second call, say).
 #
@@ -36,8 +39,8 @@ if [ -z "${GPU_CHECK_PATHS_SET:-}" ]; then      # once: the steps' own processes
     export GPU_CHECK_PATHS_SET=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     [ "$DRY_RUN" = 1 ] && export PYTHONPATH="$PWD/tests/standin_site:$PWD/tests:$PYTHONPATH"
 fi
-STEPS=(setup gpu_tests bench_small bench_original train)
-declare -A LIMIT=([setup]=30 [gpu_tests]=120 [bench_small]=75 [bench_original]=75 [train]=120)
+STEPS=(setup gpu_tests bench_small bench_original train data_parallel)
+declare -A LIMIT=([setup]=30 [gpu_tests]=120 [bench_small]=75 [bench_original]=60 [train]=105 [data_parallel]=40)
 SCALE=1
 TRAIN_ARGS=()
 BENCH_ARGS=()
@@ -127,6 +130,31 @@ train() {
     fi
     "$PYTHON" -c "import json, sys; print('test mean IoU (3 shapes):', json.load(open(sys.argv[1]))['mean_iou'])" \
         "$OUT/UNet_test_result/metrics.json"
+}
+
+data_parallel() {   # the real NCCL: one rank per GPU (the dry run: 2 ranks on 2 stand-in devices over MPI)
+    local mpiexec ranks
+    mpiexec=$(command -v mpiexec || true)
+    [ -n "$mpiexec" ] || { echo "no mpiexec on PATH (pip install mpi4py mpich, or a system MPI)"; return 1; }
+    local sizes=(--num-images 120 --num-val 16 --num-test 8 --image-size 64 --epochs 2 --batch-size 8)
+    if [ "$DRY_RUN" = 1 ]; then
+        ranks=2
+        export CUPY_STANDIN_DEVICES=2
+        sizes=(--num-images 20 --num-val 4 --num-test 4 --image-size 32 --epochs 2 --batch-size 4)
+    else
+        ranks=$(nvidia-smi --list-gpus 2> /dev/null | wc -l)
+        [ "$ranks" -ge 1 ] || ranks=1
+    fi
+    "$mpiexec" -n "$ranks" "$PYTHON" train.py --device gpu --distributed --quiet --data "$OUT/shape_dp" \
+        --weights-dir "$OUT/dp_weights" --results-dir "$OUT/dp_results" "${sizes[@]}" 2>&1 \
+        | tee "$OUT/data_parallel_py.log"
+    local status=${PIPESTATUS[0]}
+    if [ "$status" != 0 ]; then     # the summary quotes the last line: make it train.py's own message
+        echo "mpiexec -n $ranks train.py failed (exit $status): $(grep -v -e '^[[:space:]]*$' -e '^\[mpiexec' \
+            "$OUT/data_parallel_py.log" | tail -n 1)"
+        return "$status"
+    fi
+    grep -h "data-parallel:\|^Epoch 2/2" "$OUT/data_parallel_py.log" || true
 }
 
 limit_of() {   # limit_of STEP: its time limit in seconds (GPU_CHECK_TIMEOUT_<STEP> overrides)

@@ -64,6 +64,7 @@ class SingleProcess:
 
     size, rank, local_rank, local_size = 1, 0, 0, 1
     is_writer = True     # rank 0 writes checkpoints, logs and results; here it is the only rank
+    is_distributed = False   # True for an MPI world, even of one rank (mpiexec -n 1 --distributed)
 
     def __repr__(self):
         return "SingleProcess()"
@@ -115,7 +116,7 @@ class MPIWorld(SingleProcess):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        self.is_writer = self.rank == 0
+        self.is_writer, self.is_distributed = self.rank == 0, True
         self._nccl = None
 
     def __repr__(self):

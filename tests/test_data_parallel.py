@@ -4,7 +4,9 @@ Every test that needs ranks starts ``mpiexec -n 2`` itself (2 ranks, one thread 
 cores), in its own process group, with a timeout well below CI's; on a timeout the whole group is
 killed, so nothing is left running.
 """
+import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -16,11 +18,9 @@ import numpy as np
 import pytest
 
 import train
-from minitensor import distributed, losses, set_seed
+from minitensor import distributed
 from minitensor.checkpoint import read_checkpoint
 from minitensor.cpu_runtime import threads_per_rank
-from minitensor.optimizers import Adam
-from unet import small_unet
 from unet.augment import Augmenter
 from unet.trainer import rank_slice
 
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = os.path.join(ROOT, "tests", "mpi_programs")
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 try:
-    import mpi4py  # noqa: F401
+    import mpi4py  # noqa: F401  (only whether it is installed)
     MISSING = None if MPIEXEC else "no mpiexec next to this Python or on PATH (pip install -e '.[mpi]')"
 except ImportError:
     MISSING = "mpi4py is not installed (pip install -e '.[mpi]')"
@@ -253,3 +253,39 @@ def test_two_gpu_ranks_sum_with_nccl_on_the_standin(reference):
     one_gpu = launch(["train.py", *RUN, "--epochs", "1", "--device", "gpu", *folders(tmp_path, "nccl1")],
                      env={**env, "CUPY_STANDIN_DEVICES": "1"}, timeout=60)
     assert one_gpu.returncode == 2 and "2 ranks on this machine but 1 GPU" in one_gpu.err
+
+
+def test_a_checkpoint_with_the_old_sequential_augmentation_stream_goes_on_with_it(tmp_path, monkeypatch):
+    """Checkpoints written before per-sample streams hold the augmenter's one generator: a resumed
+    run keeps drawing from it (so it ends as it would have), in one process; sharing it out is refused."""
+    argv = RUN + ["--epochs", "2"] + folders(tmp_path, "old")
+
+    def stop_after_two(trainer):
+        if trainer.state.batch == 2:
+            trainer.stop.requested = True
+    assert train.main(argv, on_batch_end=stop_after_two) == 130
+    path = tmp_path / "old" / "w" / "last.npz"
+    arrays = dict(np.load(path))
+    extra = json.loads(str(arrays["extra"]))
+    assert extra["augmenter"] == {"streams": "per-sample", "seed": 6}      # --seed 5, the augmenter's is 6
+    extra["augmenter"] = Augmenter(seed=6).get_state()                      # the earlier format
+    arrays["extra"] = np.array(json.dumps(extra))
+    np.savez(path, **arrays)
+
+    seen = []
+    monkeypatch.setattr(Augmenter, "__call__", _recording(Augmenter.__call__, seen))
+    assert train.main(argv + ["--resume"]) == 0
+    assert seen and all(keys is None for keys in seen)                   # the sequential stream, as before
+
+    class TwoRanks(distributed.SingleProcess):
+        size = 2
+    with contextlib.ExitStack() as stack, pytest.raises(train.CheckpointError,
+                                                        match="cannot be shared out over 2 processes; resume it in one"):
+        train.prepare(train.parse_args(argv + ["--resume"]), stack, world=TwoRanks())
+
+
+def _recording(call, seen):
+    def recorded(self, images, masks, weights=None, keys=None):
+        seen.append(keys)
+        return call(self, images, masks, weights, keys=keys)
+    return recorded

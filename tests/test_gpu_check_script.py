@@ -22,7 +22,7 @@ def gpu_check(tmp_path, **env):
                             env={**environment, "OUT": str(tmp_path), "GPU_CHECK_DRY_RUN": "1", **env})
     summary = (tmp_path / "summary.txt").read_text().splitlines() if (tmp_path / "summary.txt").exists() else []
     steps = {line.split(":")[0]: line for line in summary if line.split(":")[0] in
-             ("setup", "gpu_tests", "bench_small", "bench_original", "train")}
+             ("setup", "gpu_tests", "bench_small", "bench_original", "train", "data_parallel")}
     return result, summary, steps
 
 
@@ -31,7 +31,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     """About five minutes on 2 shared cores, so it is ``slow``: ``python -m pytest -m slow``."""
     result, summary, steps = gpu_check(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert list(steps) == ["setup", "gpu_tests", "bench_small", "bench_original", "train"]
+    assert list(steps) == ["setup", "gpu_tests", "bench_small", "bench_original", "train", "data_parallel"]
     assert steps["bench_original"].startswith("bench_original: skipped (dry run")
     assert all(": ok, " in line for name, line in steps.items() if name != "bench_original"), summary
     assert summary[-1].startswith("result: PASS")
@@ -40,6 +40,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     assert "passed" in tests_log and "failed" not in tests_log
     assert (tmp_path / "bench_small.json").exists() and (tmp_path / "UNet_test_result" / "metrics.json").exists()
     assert "test mean IoU (3 shapes):" in (tmp_path / "train.log").read_text()
+    assert "every batch of 4 shared out as 2 + 2 images" in (tmp_path / "data_parallel.log").read_text()
 
 
 @pytest.mark.parametrize("part,why", [("nvrtc", "CUDA kernels cannot be compiled or run"),
@@ -49,12 +50,12 @@ def test_gpu_check_with_the_gpu_broken_fails_every_step_naming_why(tmp_path, par
     """The stand-in broken as a GPU machine can be: nothing may pass on the CPU instead (about 20 s)."""
     result, summary, steps = gpu_check(tmp_path, CUPY_STANDIN_BREAK=part)
     assert result.returncode == 1, summary
-    for name in ("setup", "gpu_tests", "bench_small", "train"):
+    for name in ("setup", "gpu_tests", "bench_small", "train", "data_parallel"):
         assert steps[name].startswith(f"{name}: FAILED"), summary
         assert why in steps[name] and f"CUPY_STANDIN_BREAK={part}" in steps[name], steps[name]
     assert "MINITENSOR_REQUIRE_GPU=1 but the GPU is not usable" in steps["gpu_tests"]
     assert "unavailable counts as an error" in steps["bench_small"]
-    assert summary[-1].startswith("result: FAIL (failed: setup gpu_tests bench_small train; timed out: none)")
+    assert summary[-1].startswith("result: FAIL (failed: setup gpu_tests bench_small train data_parallel; timed out: none)")
 
 
 def test_gpu_check_reports_a_step_cut_short_by_its_time_limit(tmp_path):

@@ -23,6 +23,8 @@ import os
 import signal
 import sys
 
+from minitensor.distributed import launched_rank
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DESCRIPTIONS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (terminal closed)",
                 signal.SIGPIPE: "closed output pipe"}
@@ -139,6 +141,8 @@ class StopRequest:
         if self.requested:
             raise Interrupted(signum)
         self.request(signum)
+        if launched_rank() != 0:
+            return                     # data-parallel: rank 0 says it once for all the ranks
         name = DESCRIPTIONS[signum]
         again = "Ctrl-C" if signum == signal.SIGINT else name.split()[0]
         try:

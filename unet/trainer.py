@@ -83,7 +83,7 @@ class Trainer(TrainerCheckpoints):
         self.world = world or SingleProcess()
         if not self.world.is_writer:                 # one writer: rank 0 logs, the others stay silent
             log, quiet = (lambda message: None), True
-        self.parallel = DataParallel(model, self.world) if self.world.size > 1 else None
+        self.parallel = DataParallel(model, self.world) if self.world.is_distributed else None
         self.per_sample_streams = True               # False for a run begun before them (see apply)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.epochs = epochs
@@ -228,7 +228,7 @@ class Trainer(TrainerCheckpoints):
         """
         images, masks = loader.read_labels(ids)     # class indices: the model one-hots them on its device
         weights = (batch_weights(ids, loader.masks_dir, os.path.join(self.weights_dir, WEIGHT_CACHE), NUM_CLASSES,
-                                 class_weights=self.class_weights)
+                                 class_weights=self.class_weights, write_cache=self.world.is_writer)
                    if self.border_weighted else None)
         if augment and self.augmenter is not None:
             keys = [(self.state.epoch, index) for index in ids] if self.per_sample_streams else None

@@ -92,27 +92,33 @@ class TrainerCheckpoints:
         """Put best.npz's weights into the model (to predict with them); returns its record,
         ``{"epoch", "val_loss"}``, or None where this run has no best.npz (a checkpoint from before
         best.npz was kept)."""
-        if self.state.best_val_loss is None or not os.path.exists(self.best_path):
+        found = None
+        if self.world.is_writer and self.state.best_val_loss is not None and os.path.exists(self.best_path):
+            checkpoint = read_checkpoint(self.best_path)
+            if checkpoint.extra.get("epoch") == self.state.best_epoch:  # this run's best (not an older one)
+                found = checkpoint.weights, checkpoint.extra
+        # Data-parallel, rank 0 reads the file and sends the weights: the other ranks, maybe on other
+        # machines, need not see rank 0's folder.
+        found = self.world.broadcast(found) if self.world.is_distributed else found
+        if found is None:
             return None
-        checkpoint = read_checkpoint(self.best_path)
-        if checkpoint.extra.get("epoch") != self.state.best_epoch:      # not this run's best (yet)
-            return None
-        self.model.assign_weights(checkpoint.weights, self.best_path)
-        return checkpoint.extra
+        self.model.assign_weights(found[0], self.best_path)
+        return found[1]
 
     def restore(self):
         """Continue from WEIGHTS_DIR/last.npz; a CheckpointError says why a checkpoint does not fit this run."""
         path = self.resume_path
-        if not os.path.exists(path):
-            raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume to start, "
-                                  f"or point --weights-dir at the folder of the run to continue")
-        try:
-            checkpoint = read_checkpoint(path)
-            state = TrainingState.from_dict({"weights": checkpoint.weights, "optimizer": checkpoint.optimizer,
-                                             "progress": checkpoint.extra}, source=path)
-        except (ValueError, KeyError, TypeError) as error:     # ModelFileError, or a damaged "extra" record
-            raise CheckpointError(f"--resume: {error}. Start afresh with another --weights-dir (or "
-                                  f"--start-over), or continue from an older checkpoint copied to {path}") from None
+        if not self.world.is_distributed:
+            state = self._read_resume_file()
+        else:              # rank 0 reads it and sends it: the other ranks need not see its folder
+            try:
+                outcome = self._read_resume_file() if self.world.rank == 0 else None
+            except CheckpointError as error:
+                outcome = error.args[0]
+            outcome = self.world.broadcast(outcome)
+            if isinstance(outcome, str):
+                raise CheckpointError(outcome)
+            state = outcome
         differences = [f"--{key.replace('_', '-')} {state.fingerprint.get(key)!r} there, {value!r} here"
                        for key, value in self.state.fingerprint.items() if state.fingerprint.get(key) != value]
         if differences:
@@ -139,3 +145,17 @@ class TrainerCheckpoints:
             self.log(f"resumed from {path}: training finished after epoch {state.epoch}; predicting")
         else:
             self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch}")
+
+    def _read_resume_file(self):
+        """The TrainingState in WEIGHTS_DIR/last.npz; a CheckpointError if it is missing or damaged."""
+        path = self.resume_path
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume to start, "
+                                  f"or point --weights-dir at the folder of the run to continue")
+        try:
+            checkpoint = read_checkpoint(path)
+            return TrainingState.from_dict({"weights": checkpoint.weights, "optimizer": checkpoint.optimizer,
+                                            "progress": checkpoint.extra}, source=path)
+        except (ValueError, KeyError, TypeError) as error:     # ModelFileError, or a damaged "extra" record
+            raise CheckpointError(f"--resume: {error}. Start afresh with another --weights-dir (or "
+                                  f"--start-over), or continue from an older checkpoint copied to {path}") from None

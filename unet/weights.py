@@ -199,12 +199,15 @@ def _read_cache(path, key):
     return None
 
 
-def cached_weight_map(mask_path, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+def cached_weight_map(mask_path, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None,
+                      write_cache=True):
     """``weight_map`` of the mask file ``mask_path``, read from its cache file when that is current.
 
     The cache (``weight_cache_path``) stores the map and the key it was made with; a different
     key (parameters changed, mask file modified) recomputes and rewrites it, atomically (a
     temporary file renamed into place), so an interrupted run never leaves half a map.
+    ``write_cache=False`` reads a current cache file but never writes one (the ranks of a
+    data-parallel run other than rank 0, which write nothing).
     """
     mask_path = os.fspath(mask_path)
     key = _cache_key(mask_path, num_classes, w0, sigma, class_weights)
@@ -212,11 +215,13 @@ def cached_weight_map(mask_path, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigm
     weights = _read_cache(path, key)
     if weights is None:
         weights = weight_map(load_mask(mask_path, num_classes), num_classes, w0, sigma, class_weights)
-        atomic_savez(path, {"weight": weights, "key": np.array(key)})
+        if write_cache:
+            atomic_savez(path, {"weight": weights, "key": np.array(key)})
     return weights
 
 
-def batch_weights(ids, masks_dir, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None):
+def batch_weights(ids, masks_dir, cache_dir, num_classes=NUM_CLASSES, w0=W0, sigma=SIGMA, class_weights=None,
+                  write_cache=True):
     """Cached weight maps (N, H, W) float32 of the masks ``masks_dir/{id}.png``, for ``sample_weight``."""
     return np.stack([cached_weight_map(os.path.join(os.fspath(masks_dir), f"{index}.png"), cache_dir, num_classes,
-                                       w0, sigma, class_weights) for index in ids])
+                                       w0, sigma, class_weights, write_cache) for index in ids])

@@ -25,7 +25,7 @@ def main():
     fault, rank, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     argv = sys.argv[sys.argv.index("--") + 1:]
     counts = {"read": 0, "trained": 0}
-    hook = None
+    on_batch_end = None
     if launched_rank() == rank and fault == "unreadable":
         real_read = batches.BatchLoader.read_labels
 
@@ -38,11 +38,11 @@ def main():
             return real_read(self, ids)
         batches.BatchLoader.read_labels = read_labels
     elif launched_rank() == rank and fault == "sigint":
-        def hook(trainer):
+        def on_batch_end(trainer):
             counts["trained"] += 1
             if counts["trained"] == batch:
                 os.kill(os.getpid(), signal.SIGINT)
-    sys.exit(train.main(argv, on_batch_end=hook))
+    sys.exit(train.main(argv, on_batch_end=on_batch_end))
 
 
 if __name__ == "__main__":
