@@ -44,8 +44,8 @@ def load_model(path, device="cpu", custom_objects=None):
     """Load a model saved with ``Model.save``: architecture, weights and (if saved) optimizer state.
 
     ``custom_objects`` ({class name: class}) names layers of your own that are not registered
-    (``minitensor.register_layer``). Returns the model; the ``extra`` training state saved with it
-    is in ``model.saved_extra``.
+    (``minitensor.register_layer``). Returns the model. The ``extra`` training state a checkpoint
+    carries is not the model's: ``minitensor.checkpoint.read_checkpoint`` reads it.
     """
     data = read_npz(path)
     if "config" not in data:
@@ -62,5 +62,4 @@ def load_model(path, device="cpu", custom_objects=None):
     if optimizer_state:
         model.optimizer = optimizer_module.Adam()
         model.optimizer.set_state(optimizer_state)
-    model.saved_extra = json.loads(str(data["extra"])) if "extra" in data else {}
     return model.to(device) if device != backend.CPU else model
