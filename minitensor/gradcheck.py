@@ -31,6 +31,7 @@ From the command line, on any layer or loss::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import os
@@ -216,20 +217,25 @@ def _loss_example(make_loss, targets_from, predictions_from):
 
 
 F64 = "float64"
+
+
+def declared_layer_examples(layer_classes):
+    """The examples the layer classes declare (``Layer.gradcheck_examples``: name -> (constructor
+    arguments, input shapes)), each building its layer in float64. One name, one example."""
+    found = {}
+    for cls in layer_classes:
+        for name, (arguments, input_shapes) in cls.gradcheck_examples.items():
+            if name in found:
+                raise ValueError(f"two layers declare the gradient-check example {name!r}")
+            found[name] = _layer_example(functools.partial(cls, dtype=F64, **arguments), input_shapes)
+    return found
+
+
+# minitensor's own layers declare theirs (a new layer adds its example in its own file), then the losses
+# and a whole model.
+_OWN_LAYERS = [cls for cls in layers.LAYER_CLASSES.values() if cls.__module__.startswith("minitensor.")]
 EXAMPLES = {
-    "conv2d": _layer_example(lambda: layers.Conv2D(4, 3, dtype=F64, seed=1), [(7, 6, 3)]),
-    "conv2d_same_stride2": _layer_example(
-        lambda: layers.Conv2D(3, 3, strides=2, padding="same", dtype=F64, seed=1), [(7, 8, 2)]),
-    "conv2d_relu": _layer_example(lambda: layers.Conv2D(4, 3, padding="same", activation="relu", dtype=F64, seed=1),
-                                  [(5, 5, 2)]),
-    "conv2d_softmax": _layer_example(lambda: layers.Conv2D(4, 1, activation="softmax", dtype=F64, seed=1),
-                                     [(5, 5, 3)]),
-    "maxpool2d": _layer_example(lambda: layers.MaxPool2D(2, dtype=F64), [(6, 7, 3)]),
-    "upsampling2d": _layer_example(lambda: layers.UpSampling2D(2, dtype=F64), [(3, 4, 2)]),
-    "cropping2d": _layer_example(lambda: layers.Cropping2D(((1, 2), (0, 1)), dtype=F64), [(6, 5, 2)]),
-    "concatenate": _layer_example(lambda: layers.Concatenate(dtype=F64), [(4, 4, 2), (4, 4, 3)]),
-    "relu": _layer_example(lambda: layers.ReLU(dtype=F64), [(4, 5, 3)]),
-    "softmax": _layer_example(lambda: layers.Softmax(dtype=F64), [(4, 5, 3)]),
+    **declared_layer_examples(_OWN_LAYERS),
     "binary_crossentropy": _loss_example(lambda: losses.BinaryCrossentropy(), _one_hot, _probabilities),
     "binary_crossentropy_logits": _loss_example(lambda: losses.BinaryCrossentropy(from_logits=True), _one_hot,
                                                 lambda rng, shape: _random(rng, *shape)),

@@ -23,6 +23,36 @@ def test_list_and_unknown_names(capsys):
         gradcheck.main(["no_such_layer"])
 
 
+class Scale(layers.Layer):
+    """A user's layer, y = factor * x (not registered: this module is not minitensor's)."""
+
+    def __init__(self, factor=2.0, wrong_by=1.0, name=None, dtype="float32"):
+        super().__init__(name=name, dtype=dtype)
+        self.factor, self.wrong_by = factor, wrong_by
+
+    def forward(self, x):
+        return self.factor * x
+
+    def backward(self, dy):
+        return self.factor * self.wrong_by * dy
+
+
+def test_a_layer_declares_its_own_examples():
+    """A layer's gradcheck_examples become examples, built in float64, and a wrong backward fails in them."""
+    class Declared(Scale):
+        gradcheck_examples = {"scale": ({"factor": 3.0}, [(3, 2, 2)]),
+                              "scale_wrong": ({"factor": 3.0, "wrong_by": 1.01}, [(3, 2, 2)])}
+
+    examples = gradcheck.declared_layer_examples([Declared])
+    assert list(examples) == ["scale", "scale_wrong"]
+    assert examples["scale"](np.random.default_rng(0), 2).passed
+    assert not examples["scale_wrong"](np.random.default_rng(0), 2).passed
+    with pytest.raises(ValueError, match="two layers declare the gradient-check example 'scale'"):
+        gradcheck.declared_layer_examples([Declared, Declared])
+    assert set(gradcheck.EXAMPLES) >= {name for cls in (layers.Conv2D, layers.MaxPool2D, layers.Softmax)
+                                       for name in cls.gradcheck_examples}
+
+
 def test_a_wrong_gradient_fails_and_shows_the_worst_entries():
     layer = layers.Conv2D(2, 3, dtype="float64", seed=0)
     x = np.random.default_rng(0).standard_normal((1, 5, 5, 1))

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -157,6 +158,36 @@ def test_the_table_names_real_code_and_every_op():
                 assert isinstance(row[row[column].implementation], table.Own) and row[column].why, op
         assert op in kernels.__all__ and callable(getattr(kernels, op)), op
     assert set(CHECKS) == set(table.TABLE), "every op needs a check in tests/kernel_checks.py, and no more"
+
+
+def test_an_elementwise_op_needs_no_code_in_the_dispatcher(monkeypatch):
+    """A new elementwise op is a table row and its implementations: kernels/__init__.py writes its public
+    function (one shape, one float dtype, then the table's cell for the arrays, learning mode included)."""
+    calls = []
+
+    def implementation(column):
+        def scale_forward(x, factor):
+            """y = factor * x."""
+            calls.append(column)
+            return x * factor
+        return types.SimpleNamespace(scale_forward=scale_forward)
+
+    monkeypatch.setitem(table.TABLE, "scale_forward", {
+        "naive": None, "reference": table.Own(implementation("reference")), "numba": table.Own(implementation("numba")),
+        "cuda": table.Uses("reference", "a test")})
+    scale_forward = kernels._elementwise("scale_forward")
+    assert scale_forward.__name__ == "scale_forward" and scale_forward.__doc__ == "y = factor * x."
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(scale_forward(x, 3.0), 3 * x)
+    with kernels.reference_kernels():
+        np.testing.assert_array_equal(scale_forward(x, 2.0), 2 * x)
+    assert calls == ["numba", "reference"]
+    with pytest.raises(ValueError, match="scale_forward: the arrays must have one shape"):
+        scale_forward(x, x[:, :2])
+    with pytest.raises(TypeError, match="must be float32 or float64, got int64"):
+        scale_forward(x.astype(np.int64), 2)
+    assert calls == ["numba", "reference"]
+    assert kernels.relu_backward.__module__ == "minitensor.kernels" and "relu_backward" in kernels.__all__
 
 
 def test_the_contracts_quote_the_table():

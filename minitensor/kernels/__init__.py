@@ -10,10 +10,14 @@ column has no code of its own the table says which it uses and why. Learning mod
 (``MINITENSOR_KERNELS=reference``, ``use_reference(True)`` or ``with reference_kernels():``,
 kernels/switches.py) runs the reference column everywhere. The convolutions pick one of
 several algorithms per product (kernels/conv_policy.py; ``set_conv_algorithm``, ``MINITENSOR_CONV``).
+The elementwise ops' functions (``table.ELEMENTWISE``: one shape for all their arrays) are written
+from the table by ``_elementwise``; the others check their windows and shapes below.
 docs/CONTRACTS.md states each op's contract.
 
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -31,9 +35,9 @@ if __doc__:                       # None under python -OO
 
 __all__ = ["CONV_ALGORITHMS", "ConvGeometry", "adam_update", "col2im", "conv2d_forward", "conv2d_input_grad",
            "conv2d_kernel_grad", "conv_algorithm", "conv_algorithm_of", "get_conv_algorithm", "im2col",
-           "implementation_of", "maxpool_backward", "maxpool_forward", "reference_kernels", "relu_backward",
+           "implementation_of", "maxpool_backward", "maxpool_forward", "reference_kernels",
            "set_conv_algorithm", "softmax_forward", "upsample_backward", "upsample_forward", "use_reference",
-           "using_reference"]
+           "using_reference", *table.ELEMENTWISE]
 
 
 def implementation_of(op, *arrays):
@@ -126,13 +130,32 @@ def softmax_forward(x):
     return _serve("softmax_forward", x)(x)
 
 
-def relu_backward(dy, y):
-    """dx = dy * (y > 0), the ReLU's backward from its output y. See reference.relu_backward."""
-    if dy.shape != y.shape:
-        raise ValueError(f"dy and y must have one shape, got {tuple(dy.shape)} and {tuple(y.shape)}")
-    if dy.dtype != y.dtype:
-        raise TypeError(f"dy is {dy.dtype} but y is {y.dtype}: use one dtype")
-    return _serve("relu_backward", dy, y)(dy, y)
+def _elementwise(op):
+    """``kernels.<op>`` for an elementwise op (table.ELEMENTWISE), with the reference's name, signature and
+    docstring: its array arguments must share one shape and one float dtype (and one device, which
+    ``_serve`` checks), then the table's implementation runs; its other arguments are scalars."""
+    @functools.wraps(table.TABLE[op]["reference"].resolve(op))
+    def public(*args):
+        arrays = [a for a in args if getattr(a, "ndim", 0) > 0]
+        if not arrays:
+            raise TypeError(f"{op} takes NumPy or CuPy arrays, got {', '.join(type(a).__name__ for a in args)}")
+        first = arrays[0]
+        for array in arrays[1:]:
+            if array.shape != first.shape:
+                raise ValueError(f"{op}: the arrays must have one shape, got "
+                                 f"{' and '.join(str(tuple(a.shape)) for a in arrays)}")
+            if array.dtype != first.dtype:
+                raise TypeError(f"{op}: the arrays are {' and '.join(str(a.dtype) for a in arrays)}: use one dtype")
+        if first.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: the arrays must be float32 or float64, got {first.dtype}")
+        return _serve(op, *arrays)(*args)
+    public.__module__ = __name__
+    return public
+
+
+for _op in table.ELEMENTWISE:
+    globals()[_op] = _elementwise(_op)
+del _op
 
 
 def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):

@@ -92,6 +92,11 @@ TABLE = {
                     "cuda": Own(gpu)},
 }
 
+#: The elementwise ops: every array argument has one shape and one dtype (scalars may follow). Their
+#: public functions ``kernels.<op>`` are written from this list (kernels/__init__.py): a new elementwise
+#: op is a row above, its name here and its implementations, and no code in kernels/__init__.py.
+ELEMENTWISE = ("relu_backward",)
+
 
 def column_for(op, module_name, learning=False):
     """(column, cell) serving ``op`` for arrays of ``module_name`` ("numpy" or "cupy"), fallbacks followed."""

@@ -74,6 +74,8 @@ def activation_backward(activation, dy, y):
 class ReLU(Layer):
     """max(x, 0). Forward keeps its output; backward passes dy where that output is positive."""
 
+    gradcheck_examples = {"relu": ({}, [(4, 5, 3)])}
+
     def forward(self, x):
         self._check_input(x)
         y = relu_forward(x)
@@ -86,6 +88,8 @@ class ReLU(Layer):
 
 class Softmax(Layer):
     """Softmax along ``axis`` (default the channel axis). Backward: y * (dy - sum(dy * y))."""
+
+    gradcheck_examples = {"softmax": ({}, [(4, 5, 3)])}
 
     def __init__(self, axis=-1, name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)

@@ -149,6 +149,9 @@ class Layer:
     weight_names: tuple[str, ...] = ()
     #: True if backward(dy, input_grad=False) can skip computing dx (saves work for the first layer)
     can_skip_input_grad = False
+    #: the gradient checks ``python -m minitensor.gradcheck`` runs on this layer, declared where the layer
+    #: is: example name -> (constructor arguments, input shapes without the batch axis), built in float64
+    gradcheck_examples: dict[str, tuple[dict, list]] = {}
 
     def __init__(self, name=None, dtype="float32"):
         self.name = name or _auto_name(type(self).__name__)

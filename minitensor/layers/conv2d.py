@@ -99,6 +99,14 @@ class Conv2D(Layer):
 
     weight_names = ("kernel", "bias")
     can_skip_input_grad = True
+    gradcheck_examples = {
+        "conv2d": ({"filters": 4, "kernel_size": 3, "seed": 1}, [(7, 6, 3)]),
+        "conv2d_same_stride2": ({"filters": 3, "kernel_size": 3, "strides": 2, "padding": "same", "seed": 1},
+                                [(7, 8, 2)]),
+        "conv2d_relu": ({"filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu", "seed": 1},
+                        [(5, 5, 2)]),
+        "conv2d_softmax": ({"filters": 4, "kernel_size": 1, "activation": "softmax", "seed": 1}, [(5, 5, 3)]),
+    }
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True,
                  name=None, dtype="float32", seed=None):

@@ -35,6 +35,8 @@ def normalize_cropping(cropping):
 class Cropping2D(Layer):
     """``Cropping2D(cropping)`` with Keras's three forms of ``cropping``."""
 
+    gradcheck_examples = {"cropping2d": ({"cropping": ((1, 2), (0, 1))}, [(6, 5, 2)])}
+
     def __init__(self, cropping=((0, 0), (0, 0)), name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
         self.cropping = normalize_cropping(cropping)

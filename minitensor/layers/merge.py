@@ -17,6 +17,8 @@ from .base import Layer
 class Concatenate(Layer):
     """``Concatenate(axis=-1)([a, b])``; forward takes a list, backward returns a list."""
 
+    gradcheck_examples = {"concatenate": ({}, [(4, 4, 2), (4, 4, 3)])}
+
     def __init__(self, axis=-1, name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
         self.axis = axis

@@ -28,6 +28,8 @@ from .base import Layer, check_padding, normalize_pair, window_output_and_paddin
 class MaxPool2D(Layer):
     """``MaxPool2D(pool_size=2, strides=None, padding='valid')``; strides default to pool_size."""
 
+    gradcheck_examples = {"maxpool2d": ({"pool_size": 2}, [(6, 7, 3)])}
+
     def __init__(self, pool_size=2, strides=None, padding="valid", name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
         self.pool_size = normalize_pair(pool_size, "pool_size")

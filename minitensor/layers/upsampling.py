@@ -19,6 +19,8 @@ from .base import Layer, normalize_pair
 class UpSampling2D(Layer):
     """``UpSampling2D(size=2)``, nearest interpolation as the post uses."""
 
+    gradcheck_examples = {"upsampling2d": ({"size": 2}, [(3, 4, 2)])}
+
     def __init__(self, size=2, interpolation="nearest", name=None, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
         if interpolation != "nearest":
