@@ -94,8 +94,10 @@ def stop_at(*global_batches):
     return hook
 
 
-# batch 2 and 11: mid-epoch; 4 and 8: the last batch of epochs 1 and 2 (validation, then the stop)
-@pytest.mark.parametrize("stop_after", [2, 4, 8, 11])
+# batch 2 and 11: mid-epoch; 4 and 8: the last batch of epochs 1 and 2 (validation, then the stop). The
+# default run keeps one of each kind (2 and 8); 4 and 11, the same kinds in other epochs, run with -m slow.
+@pytest.mark.parametrize("stop_after", [2, pytest.param(4, marks=pytest.mark.slow), 8,
+                                        pytest.param(11, marks=pytest.mark.slow)])
 def test_stop_after_any_batch_then_resume(each_variant, stop_after):
     flags, base = each_variant
     work = base / f"stop{stop_after}"
