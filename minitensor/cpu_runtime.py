@@ -56,13 +56,17 @@ NUMPY_WAS_LOADED_FIRST = "numpy" in sys.modules
 _SET_BY_USER = {name for name in THREAD_DEFAULTS if name in os.environ}
 
 
+def usable_cores():
+    """The cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_rank(environ=os.environ):
     """Threads for each pool of one rank when an MPI launcher started several on this machine, else None."""
     ranks = next((int(environ[name]) for name in LOCAL_RANKS if environ.get(name, "").strip().isdigit()), 1)
     if ranks <= 1:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // ranks)
+    return max(1, usable_cores() // ranks)
 
 
 def _keep_freed_memory() -> bool:

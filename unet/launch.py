@@ -15,6 +15,7 @@ import os
 
 from minitensor import backend
 from minitensor.checkpoint import read_checkpoint
+from minitensor.cpu_runtime import usable_cores
 from minitensor.distributed import DistributedError, make_world
 from minitensor.files import ModelFileError
 
@@ -84,11 +85,6 @@ def claim_output_folders(args, stack, test_ids, log=print):
         if files:
             log(f"--start-over: deleted the earlier run's {len(files)} files in {args.weights_dir} and "
                 f"{args.results_dir}" + (f" and {args.tensorboard}" if events else ""))
-
-
-def usable_cores():
-    """The cores this process may run on (its affinity mask where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def start_world(distributed, device):
