@@ -16,10 +16,12 @@ How each layer becomes ONNX operators (opset 13), and why they compute the same 
 * UpSampling2D -> Resize, mode 'nearest', coordinates 'asymmetric' and nearest_mode 'floor': the
   source of output pixel h is floor(h / 2) = h // 2, our y[h] = x[h // SH].
 * Cropping2D -> Slice on the H and W axes.
-* Concatenate -> Concat, ReLU -> Relu, Softmax -> Softmax, with each NHWC axis moved to its
-  NCHW place.
+* Concatenate -> Concat and Softmax -> Softmax, with each NHWC axis moved to its NCHW place.
+* A layer that is one ONNX operator without weights says so itself (``Layer.onnx_operator``: ReLU's
+  is "Relu"; elementwise, so the layout does not matter): no converter here. A user's layer may
+  declare one too.
 
-A layer of another class (one of the user's) cannot be exported: ``OnnxExportError`` names it.
+Any other layer (one of the user's) cannot be exported: ``OnnxExportError`` names it and the two fixes.
 The ``onnx`` package (``pip install 'minitensor[onnx]'``) is imported only when exporting.
 """
 from __future__ import annotations
@@ -112,26 +114,36 @@ def _concatenate(graph, layer, inputs, shapes, output):
     graph.node("Concat", inputs, output, layer.name, axis=NCHW_AXIS[axis])
 
 
-def _relu(graph, layer, inputs, shapes, output):
-    graph.node("Relu", inputs, output, layer.name)
-
-
 def _softmax(graph, layer, inputs, shapes, output):
     graph.node("Softmax", inputs, output, layer.name, axis=NCHW_AXIS[layer.axis % 4])   # an axis of the batch
 
 
 CONVERTERS = {"Conv2D": _conv2d, "MaxPool2D": _maxpool2d, "UpSampling2D": _upsampling2d,
-              "Cropping2D": _cropping2d, "Concatenate": _concatenate, "ReLU": _relu, "Softmax": _softmax}
+              "Cropping2D": _cropping2d, "Concatenate": _concatenate, "Softmax": _softmax}
+
+
+def _declared_operator(graph, layer, inputs, shapes, output):
+    """A layer that is one ONNX operator (``Layer.onnx_operator``, ReLU's "Relu"): that node, its attributes."""
+    graph.node(type(layer).onnx_operator, inputs, output, layer.name, **layer.onnx_attributes())
+
+
+def declares_operator(cls):
+    """Whether ``cls`` itself (not a parent it may compute differently from) names its ONNX operator."""
+    return vars(cls).get("onnx_operator") is not None
 
 
 def _converter(layer):
     """The converter of the layer's class; minitensor's classes only (a subclass may compute otherwise)."""
     cls = type(layer)
     converter = CONVERTERS.get(cls.__name__) if cls.__module__.startswith("minitensor.") else None
+    if converter is None and declares_operator(cls):
+        converter = _declared_operator
     if converter is None:
         raise OnnxExportError(f"layer {layer.name!r} ({cls.__name__}) cannot be exported to ONNX: the exporter "
-                              f"writes the layers {', '.join(sorted(CONVERTERS))}; add a converter for "
-                              f"{cls.__name__} to minitensor/onnx_export.py (CONVERTERS)")
+                              f"writes the layers {', '.join(sorted(CONVERTERS))} and those that name their ONNX "
+                              f"operator; if {cls.__name__} is one ONNX operator without weights, set its "
+                              f"onnx_operator (and onnx_attributes), else add a converter for it to "
+                              f"minitensor/onnx_export.py (CONVERTERS)")
     return converter
 
 

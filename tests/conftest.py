@@ -67,8 +67,7 @@ def gpu_backend(request, monkeypatch):
     from minitensor.kernels import gpu
 
     yield cupy_standin.install(monkeypatch)
-    gpu._module.cache_clear()     # the stand-in's compiled modules must not outlive it
-    gpu._kernel.cache_clear()
+    gpu.PROGRAM.forget_compiled()     # the stand-in's compiled modules must not outlive it
 
 
 @pytest.fixture

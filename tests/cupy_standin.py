@@ -381,8 +381,7 @@ def install(monkeypatch):
     monkeypatch.setattr(backend, "_cupy", module)
     monkeypatch.setattr(backend, "_cupy_error", None)
     monkeypatch.setattr(backend, "_gpu_status", None)
-    gpu._module.cache_clear()
-    gpu._kernel.cache_clear()
+    gpu.PROGRAM.forget_compiled()
     reset_counts()
     return module
 

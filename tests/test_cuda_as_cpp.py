@@ -42,7 +42,7 @@ class DeviceArray:
 
 
 def _upsample_args(x, y):
-    """upsample_forward's arguments for x (1, 2, 3, 1) and y (1, 4, 6, 1), as gpu._launch builds them."""
+    """upsample_forward's arguments for x (1, 2, 3, 1) and y (1, 4, 6, 1), as CudaProgram.launch builds them."""
     return (x, y) + tuple(np.int32(v) for v in (1, 2, 3, 1, 2, 2))
 
 
@@ -50,7 +50,7 @@ def test_kernel_checks_its_arguments():
     kernel = CppModule(gpu.cuda_source("float")).get_function("upsample_forward")
     x = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1)
     y = np.zeros((1, 4, 6, 1), np.float32)
-    kernel((1,), (gpu._THREADS_PER_BLOCK,), _upsample_args(DeviceArray(x), DeviceArray(y)))
+    kernel((1,), (gpu.THREADS_PER_BLOCK,), _upsample_args(DeviceArray(x), DeviceArray(y)))
     np.testing.assert_array_equal(y, reference.upsample_forward(x, 2, 2))
     with pytest.raises(TypeError, match="x: expected a float32 array .*got float64"):
         kernel((1,), (256,), _upsample_args(x.astype(np.float64), y))

@@ -96,10 +96,11 @@ def test_onnxruntime_and_opencv_give_minitensors_outputs(tmp_path, kind):
 
 def test_every_layer_class_the_registry_holds_can_be_exported():
     from minitensor.layers import LAYER_CLASSES
-    from minitensor.onnx_export import CONVERTERS
+    from minitensor.onnx_export import CONVERTERS, declares_operator
 
     ours = {name for name, cls in LAYER_CLASSES.items() if cls.__module__.startswith("minitensor.")}
-    assert ours - {"InputLayer"} == set(CONVERTERS)
+    assert ours - {"InputLayer"} == set(CONVERTERS) | {name for name in ours if declares_operator(LAYER_CLASSES[name])}
+    assert not set(CONVERTERS) & {name for name in ours if declares_operator(LAYER_CLASSES[name])}
 
 
 class Doubling(Layer):
@@ -123,6 +124,36 @@ def test_a_layer_that_cannot_be_exported_is_named_and_nothing_is_written(tmp_pat
     with pytest.raises(minitensor.OnnxExportError, match=r"layer 'times_two' \(Doubling\) cannot be exported"):
         minitensor.export_onnx(model_with_doubling(), path)
     assert os.listdir(tmp_path) == []
+
+
+class Negation(Layer):
+    """A user's layer that names its ONNX operator: y = -x is ONNX's Neg, so it exports without a converter."""
+
+    onnx_operator = "Neg"
+
+    def forward(self, x):
+        return -x
+
+    def backward(self, dy):
+        return -dy
+
+
+class ClippedReLU(ReLU):
+    """A user's subclass that computes otherwise than its parent: it must not be exported as Relu."""
+
+    def forward(self, x):
+        return np.minimum(super().forward(x), 1)
+
+
+def test_a_layer_that_names_its_onnx_operator_exports_and_a_subclass_does_not_inherit_it(tmp_path):
+    x = Input((8, 8, 3), name="input")
+    model = Model(x, Negation(name="negate")(Conv2D(2, 3, padding="same", name="conv", seed=1)(x)))
+    batch = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    path = minitensor.export_onnx(model, tmp_path / "negation.onnx")
+    np.testing.assert_allclose(run_onnxruntime(path, batch), model.predict(batch), rtol=RTOL, atol=ATOL)
+    clipped = Model(x, ClippedReLU(name="clip")(x))
+    with pytest.raises(minitensor.OnnxExportError, match=r"'clip' \(ClippedReLU\) cannot be exported.*set its onnx_operator"):
+        minitensor.export_onnx(clipped, tmp_path / "clipped.onnx")
 
 
 def test_a_float64_model_is_refused_with_the_fix(tmp_path):

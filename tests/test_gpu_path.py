@@ -80,7 +80,7 @@ def test_the_standin_allows_only_names_that_cupy_13_and_14_both_have():
 
 @pytest.mark.gpu
 def test_each_device_gets_its_own_compiled_kernels(gpu_backend, monkeypatch):
-    """gpu._module is keyed by device: a module's kernels belong to the device it was loaded on (the stand-in
+    """gpu.PROGRAM.module is keyed by device: a module's kernels belong to the device it was loaded on (the stand-in
     refuses a launch anywhere else, as a CUDA function handle does), so one rank per GPU, or one process
     switching devices, runs each device's own copy."""
     from minitensor.kernels import gpu, reference
@@ -95,9 +95,9 @@ def test_each_device_gets_its_own_compiled_kernels(gpu_backend, monkeypatch):
         with cupy.cuda.Device(device):
             np.testing.assert_array_equal(gpu.upsample_forward(cupy.asarray(x), 2, 2).get(),
                                           reference.upsample_forward(x, 2, 2))
-    assert gpu._module("float", 0) is not gpu._module("float", 1)
+    assert gpu.PROGRAM.module("float", 0) is not gpu.PROGRAM.module("float", 1)
     if gpu_backend is not None:
-        assert [gpu._module("float", device).device_id for device in (0, 1)] == [0, 1]
+        assert [gpu.PROGRAM.module("float", device).device_id for device in (0, 1)] == [0, 1]
         with pytest.raises(gpu_backend.cuda.runtime.CUDARuntimeError, match="invalid device ordinal"):
             gpu_backend.cuda.Device(2).use()
 

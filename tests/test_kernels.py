@@ -190,6 +190,29 @@ def test_an_elementwise_op_needs_no_code_in_the_dispatcher(monkeypatch):
     assert kernels.relu_backward.__module__ == "minitensor.kernels" and "relu_backward" in kernels.__all__
 
 
+def test_an_elementwise_op_with_every_kernel_needs_no_line_of_the_table(monkeypatch):
+    """An op marked @elementwise in reference.py whose numba and CUDA kernels exist gets its row from the
+    files that define it; one without a device kernel is an error that names the file and the other fix."""
+    @reference.elementwise
+    def scale_forward(x, factor):
+        return x * factor
+
+    fake = {name: types.SimpleNamespace(__name__=f"minitensor.kernels.{name}", scale_forward=scale_forward)
+            for name in ("reference", "cpu", "gpu")}
+    for name, module in fake.items():
+        monkeypatch.setattr(table, name, module)
+    monkeypatch.setattr(table, "naive", types.SimpleNamespace(__name__="minitensor.kernels.naive"))
+    row = table._declared_row("scale_forward")
+    assert row["naive"] is None
+    assert {column: row[column].module for column in ("reference", "numba", "cuda")} == {
+        "reference": fake["reference"], "numba": fake["cpu"], "cuda": fake["gpu"]}
+    del fake["gpu"].scale_forward
+    with pytest.raises(ImportError, match="scale_forward .* has no cuda kernel: define scale_forward in gpu.py, "
+                                          "or give scale_forward a row in kernels/table.py"):
+        table._declared_row("scale_forward")
+    assert "relu_backward" in table.ELEMENTWISE and isinstance(table.TABLE["relu_backward"]["cuda"], table.Uses)
+
+
 def test_the_contracts_quote_the_table():
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONTRACTS.md")) as f:
         assert table.format_table(markdown=True) in f.read(), \

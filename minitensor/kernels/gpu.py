@@ -3,13 +3,10 @@
 Each public function has the signature and semantics of its twin in ``reference.py``
 (see docs/CONTRACTS.md), takes CuPy arrays and returns a new C-contiguous CuPy array.
 
-How it works: the CUDA source of every kernel in ``_KERNELS`` (one per op whose CUDA column in
-the op table, kernels/table.py, is this file; tests/test_cuda_as_cpp.py checks that the two
-agree) lives below as strings. The first call
-for a dtype on a device compiles them into one ``cupy.RawModule`` (CuPy also caches the
-binary on disk), once for ``float`` and once for ``double``: the source is the same, preceded by
-``typedef float scalar_t;`` or ``typedef double scalar_t;``. CuPy itself is never
-imported when this module is: ``backend.cupy_module()`` is asked inside the functions.
+How it works: the CUDA source of every kernel lives below as a string, listed in ``_KERNELS``
+(one per op whose CUDA column in the op table, kernels/table.py, is this file; tests/test_cuda_as_cpp.py
+checks that the two agree). ``PROGRAM`` (kernels/cuda_build.py) compiles them together, once per
+float type and device, on first use; CuPy itself is never imported when this module is.
 
 Performance contract, common to all kernels:
 
@@ -30,35 +27,10 @@ installed (no GPU needed), and compares these kernels with the reference on a GP
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from minitensor.backend import cupy_module
-
-_THREADS_PER_BLOCK = 256
-_MAX_INT32 = 2**31 - 1
-
-_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-
-# Shared by the kernels below, compiled after the scalar_t typedef.
-_HELPERS = r"""
-// The output index o whose window reads input position `position` at kernel offset `offset`,
-// or -1 if there is none: position = o*stride + offset - pad, for some o in [0, out_size).
-__device__ __forceinline__ int output_index(int position, int offset, int stride, int pad, int out_size)
-{
-    const int shifted = position + pad - offset;
-    if (shifted < 0 || shifted % stride != 0) return -1;
-    const int o = shifted / stride;
-    return o < out_size ? o : -1;
-}
-
-// The flat 64-bit index of this thread.
-__device__ __forceinline__ long long thread_index()
-{
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-"""
+from minitensor.kernels.cuda_build import THREADS_PER_BLOCK, CudaProgram, check_pixels
 
 _IM2COL = r"""
 // One thread per element of cols (N*out_h*out_w rows, kh*kw*C columns).
@@ -223,73 +195,11 @@ extern "C" __global__ void adam_update(scalar_t* param, const scalar_t* grad, sc
 
 _KERNELS = (_IM2COL, _COL2IM, _MAXPOOL_FORWARD, _MAXPOOL_BACKWARD, _UPSAMPLE_FORWARD, _UPSAMPLE_BACKWARD,
             _ADAM_UPDATE)
-# No multiply-add contraction (see adam_update); the other kernels do no float multiply-adds at all.
-# CuPy appends -ftz=true after these options for every NVRTC compile (cupy/cuda/compiler.py,
-# _compile_with_cache_cuda, in 13.6 and 14.2), so every float32 add, multiply, divide, sqrt and
-# comparison flushes subnormal inputs and results to zero (NVRTC then emits add.rn.ftz.f32,
-# setp.gt.ftz.f32, ...); float64 is not affected. So in float32 the sums of col2im, maxpool_backward
-# and upsample_backward, maxpool_forward's comparisons and adam_update match the reference bit for
-# bit except where a value is subnormal; the copies (im2col, upsample_forward) are always exact.
-_NVRTC_OPTIONS = ("--fmad=false",)
-
-# -infinity without <math.h> (NVRTC compiles without the C library headers): the IEEE bits of +inf.
-_NEGATIVE_INFINITY = {
-    "float": "(-__int_as_float(0x7f800000))",
-    "double": "(-__longlong_as_double(0x7ff0000000000000LL))",
-}
-
-
-def cuda_source(c_type: str) -> str:
-    """The CUDA source of all kernels for ``c_type`` ("float" or "double")."""
-    prelude = f"typedef {c_type} scalar_t;\n#define NEGATIVE_INFINITY {_NEGATIVE_INFINITY[c_type]}\n"
-    return prelude + _HELPERS + "".join(_KERNELS)
-
-
-def cuda_sources() -> dict[str, str]:
-    """Every CUDA source this module compiles, by C type; needs no CuPy (the tests use it)."""
-    return {c_type: cuda_source(c_type) for c_type in _C_TYPES.values()}
-
-
-@functools.cache
-def _module(c_type: str, device: int):
-    """All kernels for one C type on one device, compiled on first use there and kept for the process.
-
-    Keyed by device because a CUDA module and its function handles belong to the context of the device
-    that loaded them; with one process driving several GPUs (or one rank per GPU picking its device after
-    import) each device gets its own. CuPy's RawKernel happens to load itself again per device too; this
-    key keeps the engine right without relying on that.
-    """
-    return cupy_module().RawModule(code=cuda_source(c_type), options=_NVRTC_OPTIONS)
-
-
-@functools.cache
-def _kernel(name: str, c_type: str, device: int):
-    """One compiled kernel of one device, looked up once."""
-    return _module(c_type, device).get_function(name)
-
-
-def _current_kernel(name: str, c_type: str):
-    """Kernel ``name`` compiled for the current CUDA device (``cudaGetDevice``: no sync, no context switch)."""
-    return _kernel(name, c_type, cupy_module().cuda.runtime.getDevice())
-
-
-def _launch(name: str, dtype, n_threads: int, arrays, sizes):
-    """Run kernel ``name`` with one thread per output element; ``sizes`` are passed as C ints."""
-    if n_threads == 0:
-        return
-    blocks = (n_threads + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK
-    # CuPy would pass a Python int as a 64-bit integer; the kernels take 32-bit ints.
-    args = tuple(arrays) + tuple(np.int32(size) for size in sizes)
-    _current_kernel(name, _C_TYPES[np.dtype(dtype)])((blocks,), (_THREADS_PER_BLOCK,), args)
-
-
-def _check_pixels(*shapes):
-    """The kernels index pixels (everything but the channel) with 32-bit ints."""
-    for shape in shapes:
-        pixels = int(np.prod(shape[:-1]))
-        if pixels > _MAX_INT32:
-            raise ValueError(f"array of shape {tuple(shape)} has {pixels} pixels, more than the GPU kernels' "
-                             f"32-bit pixel index allows ({_MAX_INT32}); use a smaller batch")
+#: The kernels above, compiled together (kernels/cuda_build.py). tests/test_cuda_as_cpp.py checks that they are
+#: exactly the ops whose CUDA column in the op table (kernels/table.py) is this file.
+PROGRAM = CudaProgram(_KERNELS)
+cuda_source, cuda_sources = PROGRAM.source, PROGRAM.sources
+_launch = PROGRAM.launch
 
 
 def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
@@ -297,7 +207,7 @@ def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     cupy = cupy_module()
     x = cupy.ascontiguousarray(x)
     n_batch, height, width, channels = x.shape
-    _check_pixels(x.shape, (n_batch, out_h, out_w, kh * kw * channels))
+    check_pixels(x.shape, (n_batch, out_h, out_w, kh * kw * channels))
     shape = (n_batch * out_h * out_w, kh * kw * channels)
     cols = cupy.empty(shape, dtype=x.dtype) if out is None else out
     _launch("im2col", x.dtype, cols.size, (x, cols),
@@ -310,7 +220,7 @@ def col2im(cols, x_shape, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w):
     cupy = cupy_module()
     cols = cupy.ascontiguousarray(cols)
     n_batch, height, width, channels = x_shape
-    _check_pixels(x_shape, (n_batch, out_h, out_w, kh * kw * channels))
+    check_pixels(x_shape, (n_batch, out_h, out_w, kh * kw * channels))
     dx = cupy.empty(x_shape, dtype=cols.dtype)
     _launch("col2im", cols.dtype, dx.size, (cols, dx),
             (n_batch, height, width, channels, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w))
@@ -323,7 +233,7 @@ def maxpool_forward(x, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w):
     x = cupy.ascontiguousarray(x)
     n_batch, height, width, channels = x.shape
     y = cupy.empty((n_batch, out_h, out_w, channels), dtype=x.dtype)
-    _check_pixels(x.shape, y.shape)
+    check_pixels(x.shape, y.shape)
     argmax = cupy.empty(y.shape, dtype=cupy.int32)
     _launch("maxpool_forward", x.dtype, y.size, (x, y, argmax),
             (n_batch, height, width, channels, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w))
@@ -337,7 +247,7 @@ def maxpool_backward(dy, argmax, x_shape, ph, pw, sh, sw, pad_top, pad_left):
     argmax = cupy.ascontiguousarray(argmax)
     n_batch, height, width, channels = x_shape
     _, out_h, out_w, _ = dy.shape
-    _check_pixels(x_shape, dy.shape)
+    check_pixels(x_shape, dy.shape)
     dx = cupy.empty(x_shape, dtype=dy.dtype)
     _launch("maxpool_backward", dy.dtype, dx.size, (dy, argmax, dx),
             (n_batch, height, width, channels, ph, pw, sh, sw, pad_top, pad_left, out_h, out_w))
@@ -350,7 +260,7 @@ def upsample_forward(x, sh, sw):
     x = cupy.ascontiguousarray(x)
     n_batch, height, width, channels = x.shape
     y = cupy.empty((n_batch, height * sh, width * sw, channels), dtype=x.dtype)
-    _check_pixels(y.shape)
+    check_pixels(y.shape)
     _launch("upsample_forward", x.dtype, y.size, (x, y), (n_batch, height, width, channels, sh, sw))
     return y
 
@@ -360,7 +270,7 @@ def upsample_backward(dy, sh, sw):
     cupy = cupy_module()
     dy = cupy.ascontiguousarray(dy)
     n_batch, out_h, out_w, channels = dy.shape
-    _check_pixels(dy.shape)
+    check_pixels(dy.shape)
     dx = cupy.empty((n_batch, out_h // sh, out_w // sw, channels), dtype=dy.dtype)
     _launch("upsample_backward", dy.dtype, dx.size, (dy, dx),
             (n_batch, out_h // sh, out_w // sw, channels, sh, sw))
@@ -385,8 +295,8 @@ def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2
     if param.size == 0:
         return
     scalar = np.dtype(param.dtype).type
-    blocks = (param.size + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK
-    _current_kernel("adam_update", _C_TYPES[np.dtype(param.dtype)])(
-        (blocks,), (_THREADS_PER_BLOCK,),
+    blocks = (param.size + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+    PROGRAM.kernel("adam_update", param.dtype)(
+        (blocks,), (THREADS_PER_BLOCK,),
         (param, grad, m, v, scalar(step_size), scalar(one_minus_beta_1), scalar(one_minus_beta_2), scalar(epsilon),
          guard, np.int64(param.size)))

@@ -255,6 +255,16 @@ def softmax_forward(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def elementwise(function):
+    """Mark an op as elementwise: every array argument has one shape and one float dtype (scalars may
+    follow). The op table (kernels/table.py) lists the marked ops in ``ELEMENTWISE`` and gives each its row
+    unless it writes one by hand, and kernels/__init__.py writes the public ``kernels.<op>`` with those
+    checks: a new elementwise op is its kernels and this mark, and no line of the table or the dispatcher."""
+    function.elementwise = True
+    return function
+
+
+@elementwise
 def relu_backward(dy, y):
     """dx = dy where the ReLU's output y was positive, else 0: ``dy * (y > 0)`` (activations.py
     derives it). dy and y share shape, dtype and device."""

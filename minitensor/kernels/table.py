@@ -92,10 +92,29 @@ TABLE = {
                     "cuda": Own(gpu)},
 }
 
-#: The elementwise ops: every array argument has one shape and one dtype (scalars may follow). Their
-#: public functions ``kernels.<op>`` are written from this list (kernels/__init__.py): a new elementwise
-#: op is a row above, its name here and its implementations, and no code in kernels/__init__.py.
-ELEMENTWISE = ("relu_backward",)
+#: The elementwise ops: the reference kernels marked ``@elementwise`` (reference.py; every array
+#: argument has one shape and one dtype, scalars may follow). Their public functions ``kernels.<op>`` are
+#: written from this list (kernels/__init__.py).
+ELEMENTWISE = tuple(name for name, function in vars(reference).items() if getattr(function, "elementwise", False))
+
+
+def _declared_row(op):
+    """The row of an elementwise op that TABLE does not write by hand: every file that defines the op serves
+    it. A device column without the op would have nothing to run, so that is an error naming the fix."""
+    row = {"naive": Own(naive) if hasattr(naive, op) else None, "reference": Own(reference)}
+    for column, module in (("numba", cpu), ("cuda", gpu)):
+        if not callable(getattr(module, op, None)):
+            raise ImportError(f"the elementwise op {op} (reference.py) has no {column} kernel: define {op} in "
+                              f"{module.__name__.rsplit('.', 1)[-1]}.py, or give {op} a row in kernels/table.py "
+                              f"whose {column} cell says which column it uses, and why")
+        row[column] = Own(module)
+    return row
+
+
+for _op in ELEMENTWISE:
+    if _op not in TABLE:
+        TABLE[_op] = _declared_row(_op)
+del _op
 
 
 def column_for(op, module_name, learning=False):

@@ -75,6 +75,7 @@ class ReLU(Layer):
     """max(x, 0). Forward keeps its output; backward passes dy where that output is positive."""
 
     gradcheck_examples = {"relu": ({}, [(4, 5, 3)])}
+    onnx_operator = "Relu"
 
     def forward(self, x):
         self._check_input(x)

@@ -152,6 +152,15 @@ class Layer:
     #: the gradient checks ``python -m minitensor.gradcheck`` runs on this layer, declared where the layer
     #: is: example name -> (constructor arguments, input shapes without the batch axis), built in float64
     gradcheck_examples: dict[str, tuple[dict, list]] = {}
+    #: the ONNX operator the layer is, where it is exactly one elementwise operator on one input and has no
+    #: weights ("Relu"; elementwise, so the graph's NCHW layout changes nothing): minitensor/onnx_export.py
+    #: writes it with ``onnx_attributes()`` and needs no converter for it. Read only from the class that declares it, so a subclass that computes otherwise is not
+    #: exported as its parent.
+    onnx_operator: str | None = None
+
+    def onnx_attributes(self) -> dict:
+        """The attributes of ``onnx_operator`` for this layer's settings (a leaky ReLU's ``alpha``)."""
+        return {}
 
     def __init__(self, name=None, dtype="float32"):
         self.name = name or _auto_name(type(self).__name__)
