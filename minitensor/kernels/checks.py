@@ -42,4 +42,3 @@ def check_same(first_name, first, second_name, second):
     get_array_module(first, second)
     if second.dtype != first.dtype:
         raise TypeError(f"{first_name} is {first.dtype} but {second_name} is {second.dtype}: use one dtype")
-
