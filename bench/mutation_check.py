@@ -42,6 +42,15 @@ from pathlib import Path
 # leaves out the TensorFlow comparisons by name; the wider set runs only what the fast set left out: the
 # TensorFlow comparisons and the tests of a module that uses this one (-k also matches file names).
 NO_TF = "not tensorflow and not keras"
+TRAINER_STAGE = (["tests/test_mutants.py", "tests/test_train.py"],
+                 "(test_mutants.py and trainer) or (test_train.py and not original_unet and not flags1 and not flags2 "
+                 "and not flags3 and not corrupt_dataset and not gpu_without and not bad_arguments)",
+                 ["tests/test_faults.py", "tests/test_run_folders.py", "tests/test_prefetch.py",
+                  "tests/test_data_parallel.py"],
+                 "max_minutes or sigint_during_validation or without_the_best_epoch or closed_output_pipe "
+                 "or best_epochs_weights or predict_with_last or early_stopped_run or stale_temporaries "
+                 "or test_training_with_and_without_prefetch "
+                 "or (test_data_parallel.py and (rank_slices or old_sequential))")
 STAGES = {
     "minitensor/layers/": (["tests/test_layers.py", "tests/test_model.py", "tests/test_mutants.py"], NO_TF,
                            ["tests/test_layers.py", "tests/test_gradcheck.py"],
@@ -54,6 +63,11 @@ STAGES = {
     "minitensor/model.py": (["tests/test_model.py", "tests/test_mutants.py"], NO_TF,
                             ["tests/test_model.py", "tests/test_user_errors.py"],
                             "tensorflow or keras or test_user_errors.py"),
+    # The trainer's tests are whole train.py runs (a few seconds each): the fast set is test_train.py less its
+    # slowest variants; the wider set is the fault injections, the run-folder and prefetch runs and the
+    # in-process data-parallel tests (the rest of test_data_parallel.py starts mpiexec: too slow per mutant).
+    "unet/trainer.py": TRAINER_STAGE,
+    "unet/trainer_checkpoints.py": TRAINER_STAGE,
 }
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
