@@ -121,7 +121,7 @@ def run_config(workload, ranks, threads, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=sorted(WORKLOADS) + ["all"], default="all")
+    parser.add_argument("--workload", choices=sorted(BATCHES) + ["all"], default="all")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -140,7 +140,7 @@ def main(argv=None):
     print(f"# {machine.get('cpu_model')} ({machine.get('vector_isa')}), {cores} cores; load before: "
           f"{os.getloadavg()[0]:.2f}")
     results = {"machine": machine, "workloads": {}}
-    for workload in (sorted(WORKLOADS) if args.workload == "all" else [args.workload]):
+    for workload in (sorted(BATCHES) if args.workload == "all" else [args.workload]):
         configs = [(f"1 process x {cores} threads", 1, cores), (f"1 process x {threads} threads", 1, threads),
                    (f"{args.ranks} ranks x {threads} threads", args.ranks, threads)]
         rows = {}

@@ -1,6 +1,6 @@
 """``python -m bench``: minitensor against PyTorch and TensorFlow on the seed's two U-Net training steps.
 
-    python -m bench --device cpu                         # both workloads, all installed engines
+    python -m bench --device cpu                         # all three workloads, all installed engines
     python -m bench --device gpu --workload small --json results.json
     python -m bench --device cpu --workload small --steps 1 --warmup 0 --engines minitensor   # smoke
     python -m bench --device cpu --workload small --engines minitensor --profile              # where the time goes
@@ -251,8 +251,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all",
-                   help="small: small_unet 128x128x3, 4 classes, batch 16; original: unet 572x572x3, 21 classes, "
-                        "batch 1; all: both (default)")
+                   help="small: small_unet 128x128x3, 4 classes, batch 16; small-b4: the same at batch 4; original: "
+                        "unet 572x572x3, 21 classes, batch 1; all: the three (default)")
     p.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--engines", default=",".join(ENGINE_ORDER),

@@ -3,6 +3,8 @@
 A step is forward + loss + backward + Adam update, in float32, on a batch already on the device:
 
 * ``small``:    small_unet, 128x128x3 images, 4 classes, batch 16 (the seed's Shape training run);
+* ``small-b4``: the same at batch 4, the README's best recipe, where the small convolutions fall below
+  the Winograd threshold and each call's fixed costs show;
 * ``original``: unet (Ronneberger et al.), 572x572x3 images, 21 classes, batch 1 -> 388x388 output.
 
 The loss is the seed's ``BinaryCrossentropy()`` on the softmax output, in the form Keras 3 actually
@@ -32,6 +34,7 @@ class Workload:
 
 WORKLOADS = {
     "small": Workload("small", "small_unet", (128, 128, 3), 4, 16, 128),
+    "small-b4": Workload("small-b4", "small_unet", (128, 128, 3), 4, 4, 128),
     "original": Workload("original", "unet", (572, 572, 3), 21, 1, 388),
 }
 
