@@ -330,6 +330,10 @@ def main(argv=None):
     if modified:
         raise SystemExit(f"the worktree's files differ from its commit (a mutant left by a killed run?):\n{modified}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))   # so the original is put back
+    # A shell starts a background job (``... &``) with SIGINT ignored, and the tests' processes would inherit
+    # that: the fault-injection tests that send themselves SIGINT would fail on the unmutated code. Handled
+    # here (Ctrl-C still ends the check, the original put back), SIGINT is at its default in every child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     began = time.perf_counter()
     check(worktree, chosen, sources, lambda line: print(line, flush=True))
     print(summary(chosen, totals))

@@ -117,3 +117,85 @@ def test_a_non_finite_loss_on_the_gpu_counts_no_step():
     for before, after in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)
     assert np.isfinite(model.train_on_batch(*skip_model_batch(1))) and model.optimizer.iterations == 1
+
+
+# -- unet/trainer.py and unet/trainer_checkpoints.py (every test name says "trainer": the mutation check's fast
+# set for these modules takes test_mutants.py's tests by that word) --
+
+TINY_TRAINING = ["--num-images", "12", "--num-val", "2", "--num-test", "2", "--image-size", "16", "--batch-size", "4",
+                 "--quiet"]      # 8 training images: 2 batches an epoch; 2 validation images: 1 batch
+
+
+def prepared_trainer(tmp_path, stack, *flags, log=lambda message: None):
+    """train.py's Trainer for a tiny run in ``tmp_path`` (restored with --resume), without its predictions."""
+    import train
+
+    args = train.parse_args(TINY_TRAINING + ["--data", str(tmp_path / "shape"), "--weights-dir", str(tmp_path / "w"),
+                                             "--results-dir", str(tmp_path / "r"), *flags])
+    return train.prepare(args, stack, log=log)[0]
+
+
+def test_a_trainer_made_without_a_world_is_one_process_with_the_seeds_callbacks(tmp_path):
+    """The post's callbacks (docs/training.md, unet/callbacks.py: ModelCheckpoint(period=3) of the best,
+    ReduceLROnPlateau(factor=0.5, patience=3), EarlyStopping(min_delta=0, patience=10)), seen through the
+    Trainer's own callbacks' decisions, and one process when no world is given: 12 epochs that
+    each improve val_loss by 0.001 (an improvement for min_delta 0, and above ReduceLROnPlateau's 1e-4),
+    then a plateau. The rate halves at the 3rd, 6th and 9th flat epoch, training stops at the 10th, and
+    only epochs 3, 6, 9 and 12 are saved."""
+    from minitensor.distributed import SingleProcess
+    from unet.batches import BatchLoader
+    from unet.trainer import Trainer
+
+    model = skip_model().compile(Adam(learning_rate=1e-3), losses.SoftmaxCrossEntropy())
+    loader = BatchLoader(range(4), tmp_path, tmp_path, 2)          # never read: no epoch is trained
+    trainer = Trainer(model, loader, loader, epochs=30, weights_dir=tmp_path, quiet=True, log=lambda message: None)
+    assert isinstance(trainer.world, SingleProcess)
+    val_losses = [1.0 - 0.001 * epoch for epoch in range(12)] + [0.989] * 10
+    rates, stopped = [], []
+    for epoch, val_loss in enumerate(val_losses):
+        for callback in trainer.callbacks:
+            callback.on_epoch_end(epoch, {"loss": val_loss, "val_loss": val_loss, "lr": model.optimizer.learning_rate})
+        rates.append(model.optimizer.learning_rate)
+        stopped.append(bool(model.stop_training))
+    assert rates == [1e-3] * 14 + [5e-4] * 3 + [2.5e-4] * 3 + [1.25e-4] * 2
+    assert stopped == [False] * 21 + [True]
+    saved = sorted(path.name[:5] for path in tmp_path.glob("ep*.npz"))
+    assert saved == ["ep003", "ep006", "ep009", "ep012"]
+
+
+def test_trainer_logs_each_epochs_mean_loss_over_that_epochs_images_only(tmp_path, monkeypatch):
+    """Epoch 2's loss is the mean over epoch 2's batches: the sums start from 0 at each epoch."""
+    import contextlib
+
+    steps = []
+    real_train_step = mt.Model.train_step
+    monkeypatch.setattr(mt.Model, "train_step", lambda self, x, y, sample_weight=None: steps.append(
+        (len(x), float(value := real_train_step(self, x, y, sample_weight)))) or value)
+    with contextlib.ExitStack() as stack:
+        trainer = prepared_trainer(tmp_path, stack, "--epochs", "2")
+        assert trainer.fit()
+    assert [size for size, _ in steps] == [4, 4, 4, 4]
+    for row, epoch_steps in zip(trainer.state.history, (steps[:2], steps[2:]), strict=True):
+        assert row["loss"] == pytest.approx(sum(size * value for size, value in epoch_steps) / 8, rel=1e-12)
+
+
+def test_trainer_resumes_its_callbacks_state_and_says_from_where(tmp_path):
+    """Stopped at epoch 2's first batch, the run resumes with the callbacks' state after epoch 1 (their
+    bests, counters), not with fresh callbacks, and says where it goes on."""
+    import contextlib
+
+    def stop_in_epoch_2(trainer):
+        if trainer.state.epoch == 1:
+            trainer.stop.requested = True
+
+    with contextlib.ExitStack() as stack:
+        first = prepared_trainer(tmp_path, stack, "--epochs", "2")
+        first.on_batch_end = stop_in_epoch_2
+        assert not first.fit()
+        after_epoch_1 = [callback.get_state() for callback in first.callbacks]
+    assert after_epoch_1[1]["best"] == first.state.history[0]["val_loss"]     # ReduceLROnPlateau's
+    said = []
+    with contextlib.ExitStack() as stack:
+        resumed = prepared_trainer(tmp_path, stack, "--epochs", "2", "--resume", log=said.append)
+        assert [callback.get_state() for callback in resumed.callbacks] == after_epoch_1
+    assert f"resumed from {resumed.resume_path}: epoch 2, batch 1" in said
