@@ -88,6 +88,9 @@ CONV_CASES = [(Case(1, 5, 5, 1, 3, 3, 1, 1, "same"), 1), (Case(2, 9, 11, 3, 3, 3
               (Case(2, 5, 6, 3, 1, 1, 1, 1, "valid"), 3), (Case(2, 6, 5, 3, 1, 1, 2, 2, "valid"), 2)]
 #: Largest |ours - reference| / max|reference| for the convolutions (Winograd's transforms add roundings).
 CONV_RELATIVE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13}
+# Winograd F(4x4, 3x3)'s transforms scale by up to 5 and 8 and divide by 6 and 24: measured 3.8e-6 (float32)
+# and 7e-15 (float64) of the largest output over CONV_CASES, against F(2x2, 3x3)'s 3e-7 and 5e-16.
+CONV_RELATIVE_WINOGRAD4 = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 3e-14}
 
 
 def tolerance(dtype):
@@ -226,9 +229,10 @@ def conv_operands(case, out_channels, dtype, seed=0):
     return x, kernel, bias, dz, geometry
 
 
-def assert_conv_close(ours, plain, message):
+def assert_conv_close(ours, plain, message, algorithm=None):
     assert ours.shape == plain.shape and ours.dtype == plain.dtype and ours.flags.c_contiguous, message
-    assert np.abs(ours - plain).max() <= CONV_RELATIVE[plain.dtype] * np.abs(plain).max(), message
+    relative = (CONV_RELATIVE_WINOGRAD4 if algorithm == "winograd4" else CONV_RELATIVE)[plain.dtype]
+    assert np.abs(ours - plain).max() <= relative * np.abs(plain).max(), message
 
 
 def conv_cases(algorithm):
@@ -244,14 +248,15 @@ def check_conv2d_forward(function, twin, dtype, algorithm):
         x, kernel, bias, _, geometry = conv_operands(case, out_channels, dtype)
         for b, relu in ((bias, False), (None, True), (bias, True)):
             ours = twin.call(function, x, kernel, b, geometry, relu=relu)
-            assert_conv_close(ours, reference.conv2d_forward(x, kernel, b, geometry, relu=relu), f"{case} relu={relu}")
+            assert_conv_close(ours, reference.conv2d_forward(x, kernel, b, geometry, relu=relu), f"{case} relu={relu}",
+                              algorithm)
 
 
 def check_conv2d_input_grad(function, twin, dtype, algorithm):
     for case, out_channels in conv_cases(algorithm):
         x, kernel, _, dz, geometry = conv_operands(case, out_channels, dtype)
         assert_conv_close(twin.call(function, dz, kernel, x.shape, geometry),
-                          reference.conv2d_input_grad(dz, kernel, x.shape, geometry), str(case))
+                          reference.conv2d_input_grad(dz, kernel, x.shape, geometry), str(case), algorithm)
 
 
 def check_conv2d_kernel_grad(function, twin, dtype, algorithm):

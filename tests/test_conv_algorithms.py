@@ -21,8 +21,8 @@ from kernel_checks import Case, conv_operands
 from minitensor import backend, kernels, layers
 from minitensor.kernels import ConvGeometry, conv_policy, cpu_conv, cpu_winograd, reference
 
-ALGORITHMS = ["gemm", "winograd", "direct"]
-FAST = ["winograd", "direct"]
+ALGORITHMS = ["gemm", "winograd", "winograd4", "direct"]
+FAST = ["winograd", "winograd4", "direct"]
 PRODUCTS = ("conv2d_forward", "conv2d_input_grad", "conv2d_kernel_grad")
 
 
@@ -36,17 +36,20 @@ def operands(n, h, w, c, oc, k=3, stride=1, padding="same", dtype=np.float32, se
 
 
 def products(x, kernel, bias, dz, geometry, algorithm=None):
-    """The three products of one convolution: y (with bias and ReLU), dx, dW."""
+    """The three products of one convolution: y (with bias and ReLU), dx, dW (F(4x4, 3x3) has no dW: there
+    'winograd4' means F(2x2, 3x3), as the setting does)."""
     return (kernels.conv2d_forward(x, kernel, bias, geometry, relu=True, algorithm=algorithm),
             kernels.conv2d_input_grad(dz, kernel, x.shape, geometry, algorithm=algorithm),
-            kernels.conv2d_kernel_grad(x, dz, geometry, algorithm=algorithm))
+            kernels.conv2d_kernel_grad(x, dz, geometry, algorithm="winograd" if algorithm == "winograd4" else algorithm))
 
 
-# (N, H, W, C, OC, kernel, stride) and what 'auto' runs there: small_unet's kind of full-resolution layer
-# goes to Winograd; a small map, a 1x1, a strided and a 5x5 layer keep im2col + GEMM.
-PINNED = [((1, 96, 96, 8, 8, 3, 1), "winograd"), ((2, 64, 64, 8, 8, 3, 1), "winograd"),
-          ((1, 32, 32, 8, 8, 3, 1), "gemm"), ((1, 96, 96, 8, 8, 1, 1), "gemm"), ((1, 96, 96, 8, 8, 3, 2), "gemm"),
-          ((1, 96, 96, 8, 8, 5, 1), "gemm")]
+# (N, H, W, C, OC, kernel, stride) and what 'auto' runs there for (y, dx, dW): small_unet's kind of
+# full-resolution layer goes to Winograd (F(4x4, 3x3) from 16 channels, for y and dx); a small map, a 1x1,
+# a strided and a 5x5 layer keep im2col + GEMM.
+PINNED = [((1, 96, 96, 8, 8, 3, 1), ("winograd",) * 3), ((2, 64, 64, 8, 8, 3, 1), ("winograd",) * 3),
+          ((2, 64, 64, 16, 16, 3, 1), ("winograd4", "winograd4", "winograd")),
+          ((1, 32, 32, 8, 8, 3, 1), ("gemm",) * 3), ((1, 96, 96, 8, 8, 1, 1), ("gemm",) * 3),
+          ((1, 96, 96, 8, 8, 3, 2), ("gemm",) * 3), ((1, 96, 96, 8, 8, 5, 1), ("gemm",) * 3)]
 
 
 @pytest.mark.parametrize("shape, expected", PINNED, ids=str)
@@ -58,36 +61,45 @@ def test_auto_runs_the_algorithm_it_names_and_no_other(shape, expected):
     auto = products(x, kernel, bias, dz, geometry)
     args = {"conv2d_forward": (x, kernel, bias, geometry), "conv2d_input_grad": (dz, kernel, x.shape, geometry),
             "conv2d_kernel_grad": (x, dz, geometry)}
-    for op, ours in zip(PRODUCTS, auto):
-        assert kernels.conv_algorithm_of(op, *args[op]) == expected, op
+    for op, ours, chosen in zip(PRODUCTS, auto, expected):
+        assert kernels.conv_algorithm_of(op, *args[op]) == chosen, op
     for algorithm in ALGORITHMS:
-        if algorithm == "winograd" and (k != 3 or stride != 1) or algorithm == "direct" and stride != 1:
+        if algorithm.startswith("winograd") and (k != 3 or stride != 1) or algorithm == "direct" and stride != 1:
             continue
         named = products(x, kernel, bias, dz, geometry, algorithm)
-        for op, ours, theirs in zip(PRODUCTS, auto, named):
-            assert np.array_equal(ours, theirs) == (algorithm == expected), (op, algorithm)
+        for op, ours, theirs, chosen in zip(PRODUCTS, auto, named, expected):
+            ran = "winograd" if (algorithm, op) == ("winograd4", "conv2d_kernel_grad") else algorithm
+            assert np.array_equal(ours, theirs) == (ran == chosen), (op, algorithm)
 
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 32), size=st.integers(1, 200), c=st.integers(1, 2048), oc=st.integers(1, 2048),
        k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2]))
 def test_the_policy_is_monotone_and_keeps_gemm_where_nothing_else_runs(n, size, c, oc, k, stride):
-    """What 'auto' must do whatever its tuned numbers: more pixels or fewer channels never take Winograd
-    away; dW never goes to Winograd where the forward does not; strided, 1x1, non-3x3 layers, CuPy arrays
-    and learning mode never reach a numba kernel; and the explicit settings are obeyed."""
+    """What 'auto' must do whatever its tuned numbers: more pixels never change a Winograd choice, fewer
+    channels never take F(2x2, 3x3) away; dW never goes to Winograd where the forward does not; strided,
+    1x1, non-3x3 layers, CuPy arrays and learning mode never reach a numba kernel; and the explicit
+    settings are obeyed ('winograd4' has no dW of its own: F(2x2, 3x3) there)."""
     geometry = ConvGeometry(k, k, stride, stride, (k - 1) // 2, (k - 1) // 2, size, size)
     x_shape = (n, size * stride, size * stride, c)
     choose = conv_policy.choose
+    winograd_layer = (k, stride) == (3, 1)
     for product in conv_policy.PRODUCTS:
         chosen = choose(product, geometry, x_shape, oc)
+        if chosen in ("winograd", "winograd4"):
+            assert choose(product, geometry, (2 * n, *x_shape[1:]), oc) == chosen
         if chosen == "winograd":
-            assert choose(product, geometry, (2 * n, *x_shape[1:]), oc) == "winograd"
-            assert choose(product, geometry, (*x_shape[:3], max(1, c // 2)), oc) == "winograd"
-        if stride != 1 or k != 3:
+            assert choose(product, geometry, (*x_shape[:3], max(1, c // 2)), oc) in ("winograd", "winograd4")
+        if chosen == "winograd4":
+            assert product != "kernel_grad"
+        if not winograd_layer:
             assert chosen == "gemm"
         assert choose(product, geometry, x_shape, oc, xp=object()) == "gemm"       # not NumPy: the GPU
         with kernels.conv_algorithm("winograd"):
-            assert choose(product, geometry, x_shape, oc) == ("winograd" if (k, stride) == (3, 1) else "gemm")
+            assert choose(product, geometry, x_shape, oc) == ("winograd" if winograd_layer else "gemm")
+        with kernels.conv_algorithm("winograd4"):
+            expected = ("winograd" if product == "kernel_grad" else "winograd4") if winograd_layer else "gemm"
+            assert choose(product, geometry, x_shape, oc) == expected
         with kernels.conv_algorithm("direct"):
             assert choose(product, geometry, x_shape, oc) == ("direct" if stride == 1 and k != 1 else "gemm")
         with kernels.conv_algorithm("gemm"):
@@ -95,7 +107,7 @@ def test_the_policy_is_monotone_and_keeps_gemm_where_nothing_else_runs(n, size, 
         with kernels.reference_kernels():
             assert choose(product, geometry, x_shape, oc) == "reference"
     if choose("kernel_grad", geometry, x_shape, oc) == "winograd":
-        assert choose("forward", geometry, x_shape, oc) == "winograd"
+        assert choose("forward", geometry, x_shape, oc) in ("winograd", "winograd4")
 
 
 def test_learning_mode_runs_the_reference_convolution():
@@ -166,7 +178,7 @@ def test_the_gpu_keeps_im2col_and_gemm_under_every_algorithm(gpu_backend):
 
 def test_kernel_gradient_bands_split_the_sum_without_changing_it(monkeypatch):
     x, _, _, dz, geometry = operands(2, 12, 10, 4, 8, dtype=np.float64)
-    for algorithm in FAST:
+    for algorithm in ("winograd", "direct"):            # the fast kernel gradients (F(4x4, 3x3) has none)
         monkeypatch.setattr(cpu_conv, "MAX_BANDS", 1)
         one_band = kernels.conv2d_kernel_grad(x, dz, geometry, algorithm=algorithm)
         monkeypatch.setattr(cpu_conv, "MAX_BANDS", 7)
@@ -187,6 +199,28 @@ def test_winograd_transforms_are_the_papers():
     g = np.array(cpu_winograd._G)
     expected = np.einsum("ai,abco,bj->ijco", g, grad_u.reshape(4, 4, 4, 2), g)[:, :, :3]
     np.testing.assert_allclose(cpu_winograd.untransform_kernel_grad(grad_u, 3), expected)
+
+
+def test_winograd4_transforms_are_the_papers_and_its_chunks_change_nothing(monkeypatch):
+    """F(4, 3) in one dimension: A^T [(G g) * (B^T d)] is the 3-tap correlation of six inputs; U = G g G^T
+    of the centre tap; and the tiles' chunking (CHUNK_BYTES) changes no output by more than rounding."""
+    from minitensor.kernels import cpu_winograd4
+
+    rng = np.random.default_rng(1)
+    d, g = rng.standard_normal(6), rng.standard_normal(3)
+    b_t, g_matrix, a_t = (np.array(m, dtype=float) for m in (cpu_winograd4._B_T, cpu_winograd4._G, cpu_winograd4._A_T))
+    np.testing.assert_allclose(a_t @ ((g_matrix @ g) * (b_t @ d)), [d[i:i + 3] @ g for i in range(4)], rtol=1e-13)
+    kernel = np.zeros((3, 3, 1, 1))
+    kernel[1, 1, 0, 0] = 1.0
+    u = cpu_winograd4.transform_kernel(kernel, 4)[:, 0, 0].reshape(6, 6)
+    np.testing.assert_allclose(u, np.outer(g_matrix[:, 1], g_matrix[:, 1]), rtol=1e-15)
+    x, kernel, bias, dz, geometry = operands(3, 13, 22, 5, 7, padding="valid", dtype=np.float64)
+    whole = kernels.conv2d_forward(x, kernel, bias, geometry, algorithm="winograd4")
+    monkeypatch.setattr(cpu_winograd4, "CHUNK_BYTES", 1)        # 16 tiles a chunk: 4 chunks, the last short
+    chunked = kernels.conv2d_forward(x, kernel, bias, geometry, algorithm="winograd4")
+    assert np.abs(chunked - whole).max() <= 1e-14 * np.abs(whole).max()      # BLAS may round a short chunk apart
+    plain = reference.conv2d_forward(x, kernel, bias, geometry)
+    assert np.abs(whole - plain).max() <= 3e-14 * np.abs(plain).max()
 
 
 def test_a_unet_step_is_the_same_under_every_algorithm():
@@ -214,6 +248,10 @@ def test_a_unet_step_is_the_same_under_every_algorithm():
 @pytest.mark.parametrize("call, error, message", [
     (lambda x, k, g: kernels.conv2d_forward(x, k[:2, :2], None, ConvGeometry(2, 2, 1, 1, 0, 0, 5, 5),
                                             algorithm="winograd"), ValueError, "needs a 3x3 kernel"),
+    (lambda x, k, g: kernels.conv2d_forward(x, k[:2, :2], None, ConvGeometry(2, 2, 1, 1, 0, 0, 5, 5),
+                                            algorithm="winograd4"), ValueError, r"F\(4x4, 3x3\) needs a 3x3 kernel"),
+    (lambda x, k, g: kernels.conv2d_kernel_grad(x, x[..., :1], g, algorithm="winograd4"), ValueError,
+     "'winograd4' has no numba code"),
     (lambda x, k, g: kernels.conv2d_forward(x, k, None, ConvGeometry(3, 3, 2, 2, 1, 1, 3, 3), algorithm="direct"),
      ValueError, "needs stride 1"),
     (lambda x, k, g: kernels.conv2d_forward(x, k, None, g, algorithm="fft"), ValueError, "algorithm must be"),
@@ -239,7 +277,7 @@ def test_the_algorithm_switch():
     with kernels.conv_algorithm("gemm"):
         assert kernels.get_conv_algorithm() == "gemm"
     assert kernels.get_conv_algorithm() == "auto"
-    with pytest.raises(ValueError, match="expected one of auto, winograd, direct, gemm"):
+    with pytest.raises(ValueError, match="expected one of auto, winograd4, winograd, direct, gemm"):
         kernels.set_conv_algorithm("fastest")
     environment = dict(os.environ, MINITENSOR_CONV="nope")
     result = subprocess.run([sys.executable, "-c", "import minitensor"], env=environment, capture_output=True,

@@ -7,7 +7,7 @@
 reference.py holds their definitions (im2col -> GEMM -> col2im) and layers/conv2d.py derives
 them. Each call checks its arguments, asks kernels/conv_policy.py which algorithm serves this
 product on these arrays (or takes the one named by ``algorithm=``: 'reference', 'gemm',
-'winograd', 'direct'), and runs that algorithm's code from the op table (kernels/table.py).
+'winograd', 'winograd4', 'direct'), and runs that algorithm's code from the op table (kernels/table.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from minitensor.kernels.checks import check_float_array, check_same, check_x_sha
 from minitensor.kernels.geometry import ConvGeometry
 
 #: The names ``algorithm=`` takes.
-ALGORITHMS = ("reference", "gemm", "winograd", "direct")
+ALGORITHMS = ("reference", "gemm", "winograd", "winograd4", "direct")
 _PRODUCT = {"conv2d_forward": "forward", "conv2d_input_grad": "input_grad", "conv2d_kernel_grad": "kernel_grad"}
 
 
@@ -42,12 +42,12 @@ def _algorithm_code(op, algorithm, geometry, xp):
     if algorithm not in options:
         raise ValueError(f"algorithm {algorithm!r} has no {column} code: for these arrays use one of "
                          f"{', '.join(['reference', *options])}")
-    if algorithm in ("winograd", "direct") and not geometry.unit_stride:
+    if algorithm in ("winograd", "winograd4", "direct") and not geometry.unit_stride:
         raise ValueError(f"algorithm {algorithm!r} needs stride 1, got {geometry.stride_h}x{geometry.stride_w}: "
                          f"use algorithm='gemm'")
-    if algorithm == "winograd" and geometry.kernel_size != (3, 3):
-        raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, got {geometry.kernel_h}x{geometry.kernel_w}: "
-                         f"use algorithm='direct'")
+    if algorithm in ("winograd", "winograd4") and geometry.kernel_size != (3, 3):
+        raise ValueError(f"Winograd F({'4x4' if algorithm == 'winograd4' else '2x2'}, 3x3) needs a 3x3 kernel, got "
+                         f"{geometry.kernel_h}x{geometry.kernel_w}: use algorithm='direct'")
     return options[algorithm].module
 
 

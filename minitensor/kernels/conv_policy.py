@@ -5,6 +5,8 @@ Each can run as
 
 - ``gemm``: im2col + one BLAS / cuBLAS product (kernels/conv_gemm.py), any kernel and stride;
 - ``winograd``: Winograd F(2x2, 3x3) on the CPU (kernels/cpu_winograd.py), 3x3 stride 1 only;
+- ``winograd4``: Winograd F(4x4, 3x3) on the CPU (kernels/cpu_winograd4.py), its products by BLAS,
+  3x3 stride 1, the forward and the input gradient only (its kernel gradient would be F(2x2, 3x3));
 - ``direct``: the register-blocked direct convolution on the CPU (kernels/cpu_conv.py), stride 1;
 - ``reference``: im2col -> GEMM -> col2im in plain array code (kernels/reference.py), learning mode.
 
@@ -15,8 +17,9 @@ Each can run as
   is already a matrix product; the GPU is fastest with one large cuBLAS product per layer);
 - the setting 'direct': ``direct`` for every other stride-1 layer;
 - kernels other than 3x3: ``gemm``;
-- the setting 'winograd': ``winograd``; 'auto' (the default): ``winograd`` where
-  ``prefers_winograd`` says it measured faster, ``gemm`` elsewhere.
+- the settings 'winograd' and 'winograd4': that one (dW takes ``winograd`` under 'winograd4');
+- 'auto' (the default): for the forward and dx, ``winograd4`` where ``prefers_winograd4`` says it
+  measured faster; then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere.
 
 The input gradient of a stride-1 convolution is itself a convolution (of dZ, with the flipped
 kernel, whose output is x's N x H x W pixels), so it is judged as a forward of that size.
@@ -30,6 +33,11 @@ from minitensor.kernels import switches
 #: Where 'auto' uses Winograd (see prefers_winograd).
 WINOGRAD_MIN_PIXELS = 8192
 WINOGRAD_MAX_CHANNEL_PRODUCT = {"forward": 512 * 512, "kernel_grad": 512 * 256}
+
+#: Where 'auto' uses Winograd F(4x4, 3x3) for the forward and dx (see prefers_winograd4).
+WINOGRAD4_MIN_PIXELS = 4096
+WINOGRAD4_MIN_CHANNELS = 16
+WINOGRAD4_MAX_CHANNEL_PRODUCT = 256 * 256
 
 #: The three products of a convolution, as ``choose`` names them.
 PRODUCTS = ("forward", "input_grad", "kernel_grad")
@@ -49,8 +57,22 @@ def prefers_winograd(pixels, in_channels, out_channels, product="forward"):
     return pixels >= WINOGRAD_MIN_PIXELS and in_channels * out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT[product]
 
 
+def prefers_winograd4(pixels, in_channels, out_channels):
+    """Whether 'auto' gives the forward (or dx, judged as the forward with the channels swapped) of a 3x3
+    stride-1 layer to Winograd F(4x4, 3x3).
+
+    Read off ``python -m bench.conv_shapes`` (docs/benchmarks.md, "Choosing the algorithm"): its BLAS
+    products need enough input channels to be real matrix products (the 3-channel first layer is
+    faster with F(2x2, 3x3)), enough pixels to repay the transforms, and its 36 x C x OC transformed
+    kernel, read once per chunk of tiles, stops paying on the deep layers, which im2col + GEMM serves.
+    """
+    return (pixels >= WINOGRAD4_MIN_PIXELS and in_channels >= WINOGRAD4_MIN_CHANNELS
+            and in_channels * out_channels <= WINOGRAD4_MAX_CHANNEL_PRODUCT)
+
+
 def choose(product, geometry, x_shape, out_channels, xp=np):
-    """The algorithm for one product: 'reference', 'gemm', 'winograd' or 'direct' (see the module docstring).
+    """The algorithm for one product: 'reference', 'gemm', 'winograd', 'winograd4' or 'direct' (see the module
+    docstring).
 
     ``geometry`` is the layer's ConvGeometry, ``x_shape`` the layer input's (N, H, W, C),
     ``out_channels`` its OC, ``xp`` the arrays' module (NumPy or CuPy).
@@ -67,10 +89,17 @@ def choose(product, geometry, x_shape, out_channels, xp=np):
     if geometry.kernel_size != (3, 3):
         return "gemm"
     n_images, height, width, in_channels = x_shape
-    if product == "input_grad":
+    if product == "input_grad":     # the forward of dZ (OC channels) with the flipped kernel, onto x's pixels
         pixels, measured_as = n_images * height * width, "forward"
+        in_channels, out_channels = out_channels, in_channels
     else:
         pixels, measured_as = n_images * geometry.out_h * geometry.out_w, product
-    if setting == "winograd" or prefers_winograd(pixels, in_channels, out_channels, measured_as):
+    if setting == "winograd4":
+        return "winograd" if product == "kernel_grad" else "winograd4"
+    if setting == "winograd":
+        return "winograd"
+    if product != "kernel_grad" and prefers_winograd4(pixels, in_channels, out_channels):
+        return "winograd4"
+    if prefers_winograd(pixels, in_channels, out_channels, measured_as):
         return "winograd"
     return "gemm"

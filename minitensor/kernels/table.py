@@ -5,7 +5,8 @@ One row per op, one column per implementation:
 - ``naive``: plain loops, one output element at a time (naive.py), the definition; never dispatched to;
 - ``reference``: plain vectorised array code (reference.py) for NumPy and CuPy alike, the truth the
   others are tested against, and what learning mode runs (kernels/switches.py);
-- ``numba``: the CPU kernels (cpu.py; the convolutions in conv_gemm.py, cpu_winograd.py, cpu_conv.py);
+- ``numba``: the CPU kernels (cpu.py; the convolutions in conv_gemm.py, cpu_winograd.py, cpu_winograd4.py,
+  cpu_conv.py);
 - ``cuda``: the GPU kernels (gpu.py, CUDA C compiled by CuPy; the convolution in conv_gemm.py).
 
 A cell is ``Own`` (the implementation's own code), ``Uses`` (a fallback: it runs another
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from minitensor.kernels import conv_gemm, cpu, cpu_conv, cpu_winograd, gpu, naive, reference
+from minitensor.kernels import conv_gemm, cpu, cpu_conv, cpu_winograd, cpu_winograd4, gpu, naive, reference
 
 IMPLEMENTATIONS = ("naive", "reference", "numba", "cuda")
 #: The column that serves each array module's arrays outside learning mode.
@@ -63,7 +64,9 @@ class Chosen:
         return "/".join(self.algorithms) + (" (conv_policy.py)" if len(self.algorithms) > 1 else "")
 
 
-_NUMBA_CONV = Chosen({"winograd": Own(cpu_winograd), "direct": Own(cpu_conv), "gemm": Own(conv_gemm)})
+_NUMBA_CONV = Chosen({"winograd4": Own(cpu_winograd4), "winograd": Own(cpu_winograd), "direct": Own(cpu_conv),
+                      "gemm": Own(conv_gemm)})
+_NUMBA_KERNEL_GRAD = Chosen({"winograd": Own(cpu_winograd), "direct": Own(cpu_conv), "gemm": Own(conv_gemm)})
 _CUDA_CONV = Chosen({"gemm": Own(conv_gemm)})
 
 
@@ -78,7 +81,7 @@ TABLE = {
     "conv2d_input_grad": {"naive": Own(naive, "conv2d_backward"), "reference": Own(reference),
                           "numba": _NUMBA_CONV, "cuda": _CUDA_CONV},
     "conv2d_kernel_grad": {"naive": Own(naive, "conv2d_backward"), "reference": Own(reference),
-                           "numba": _NUMBA_CONV, "cuda": _CUDA_CONV},
+                           "numba": _NUMBA_KERNEL_GRAD, "cuda": _CUDA_CONV},
     "maxpool_forward": _everywhere(),
     "maxpool_backward": _everywhere(),
     "upsample_forward": _everywhere(),
