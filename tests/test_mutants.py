@@ -199,3 +199,22 @@ def test_trainer_resumes_its_callbacks_state_and_says_from_where(tmp_path):
         resumed = prepared_trainer(tmp_path, stack, "--epochs", "2", "--resume", log=said.append)
         assert [callback.get_state() for callback in resumed.callbacks] == after_epoch_1
     assert f"resumed from {resumed.resume_path}: epoch 2, batch 1" in said
+
+
+def test_trainer_counts_every_checkpoint_write_in_the_epochs_save_seconds(tmp_path, monkeypatch):
+    """The epoch line's "checkpoints N s" and history's save_seconds add up every write of the epoch: with
+    --checkpoint-minutes 0 and 2 batches, the save after batch 1, best.npz and the epoch's last.npz. A clock
+    that moves 1 s per reading makes each write take exactly 1 s."""
+    import contextlib
+    import types
+
+    from unet import trainer_checkpoints
+
+    readings = iter(range(1_000_000))
+    clock = types.SimpleNamespace(perf_counter=lambda: float(next(readings)),
+                                  monotonic=trainer_checkpoints.time.monotonic)
+    monkeypatch.setattr(trainer_checkpoints, "time", clock)
+    with contextlib.ExitStack() as stack:
+        trainer = prepared_trainer(tmp_path, stack, "--epochs", "1", "--checkpoint-minutes", "0")
+        assert trainer.fit()
+    assert trainer.state.history[0]["save_seconds"] == 3.0
