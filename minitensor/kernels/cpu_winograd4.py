@@ -25,15 +25,23 @@ Neighbouring tiles overlap by 2 pixels: tile (th, tw) reads rows 4*th .. 4*th + 
 zero-padded input and writes output rows 4*th .. 4*th + 3.
 
 Numerics: the transforms multiply by up to 5 (B^T) and 8 (A^T) and divide by 6 and 24 (G), so
-the float32 rounding error grows about 4x over F(2x2, 3x3)'s (about 1e-6 of the largest output,
-the figure tests/test_conv_algorithms.py bounds, where F(2x2, 3x3) stays near 3e-7); float64's stays
-near 1e-15. kernels/conv_policy.py gives it only the products where it measured faster.
+float32 rounding grows about 12x over F(2x2, 3x3)'s: 3.8e-6 of the largest output over the kernel
+tests' shapes (their bound for it is 1e-5), against 3e-7; float64 7e-15. The transformed kernel is
+computed in float64 and rounded once. kernels/conv_policy.py gives it only the products where it
+measured faster.
+
+Chunks. The 36 products are matrix products (tiles x C) @ (C x OC), which BLAS runs near its peak
+where a numba loop over broadcast tiles stays load-bound. The tiles of all images are numbered
+image by image, row by row, and taken a chunk at a time (``CHUNK_BYTES`` of V and M together):
+transform the chunk's inputs (numba, parallel over tiles), ``np.matmul`` over the 36 positions,
+transform its outputs back (numba, parallel over tiles) into y. The chunk stays in the cache
+between the three steps; the whole 2.25x-sized transformed image is never built.
 
 Contract. Memory: the padded input (scratch memory), the output, the transformed kernel (36 x C x
-OC, 4x the kernel) and per task three buffers of a few KiB. Tasks are rows of output tiles
-(``prange``), each output element written by one task; results repeat bit for bit. Vectorised
-like cpu_winograd.py: every inner loop runs over contiguous channels inside the ``prange`` body.
-The kernel gradient stays with F(2x2, 3x3) or GEMM (its partial sums would be 36 x C x OC).
+OC, 4x the kernel) and one chunk's V and M. Every output element is written once; the sums run in an
+order fixed by the shape and the chunk size (OpenBLAS splits a product over threads by rows and
+columns, not by the summed axis). The kernel gradient stays with F(2x2, 3x3) or GEMM (its
+partial sums would be 36 x C x OC).
 """
 from __future__ import annotations
 
