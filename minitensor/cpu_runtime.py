@@ -80,6 +80,53 @@ def _keep_freed_memory() -> bool:
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
 
 
+_NO_LOCAL_BLAS_THREADS = object()
+_local_blas_threads = None
+
+
+def _find_local_blas_threads():
+    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27 on: the BLAS threads of the calling thread only)
+    in a library this process has loaded (NumPy's wheels bundle one), or None (another BLAS, another OS)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            function = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+        return function
+    return None
+
+
+def _local_blas_threads_function():
+    global _local_blas_threads
+    if _local_blas_threads is None:
+        _local_blas_threads = _find_local_blas_threads() or _NO_LOCAL_BLAS_THREADS
+    return None if _local_blas_threads is _NO_LOCAL_BLAS_THREADS else _local_blas_threads
+
+
+def can_set_local_blas_threads() -> bool:
+    """Whether ``set_local_blas_threads`` works here (OpenBLAS 0.3.27 or later, on Linux)."""
+    return _local_blas_threads_function() is not None
+
+
+def set_local_blas_threads(count):
+    """Ask BLAS to run the products of the calling thread on ``count`` threads; returns the previous count, or
+    None where the BLAS cannot do this (then nothing changed).
+
+    OpenBLAS calls it thread-local, but in the 0.3.31 that NumPy's wheels bundle a call from one thread
+    changed the count of every thread (measured: a 2048^3 product in the main thread fell from 138 to 79
+    GFLOP/s after another thread set 1). So a caller treats it as process-wide: set it from one thread
+    around a section whose products must each run on one thread (kernels/cpu_winograd4.py's chunks run
+    side by side, one per worker), and put the previous count back from that thread afterwards."""
+    function = _local_blas_threads_function()
+    return None if function is None else function(int(count))
+
+
 class CPUSettingsWarning(RuntimeWarning):
     """NumPy was loaded before minitensor, so a CPU setting could not apply (training runs slower)."""
 

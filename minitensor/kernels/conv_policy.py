@@ -26,18 +26,18 @@ kernel, whose output is x's N x H x W pixels), so it is judged as a forward of t
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from minitensor.kernels import switches
+from minitensor.kernels import cpu_winograd4, switches
 
 #: Where 'auto' uses Winograd (see prefers_winograd).
 WINOGRAD_MIN_PIXELS = 8192
 WINOGRAD_MAX_CHANNEL_PRODUCT = {"forward": 512 * 512, "kernel_grad": 512 * 256}
 
 #: Where 'auto' uses Winograd F(4x4, 3x3) for the forward and dx (see prefers_winograd4).
-WINOGRAD4_MIN_PIXELS = 4096
+WINOGRAD4_MIN_PIXELS = 2048
 WINOGRAD4_MIN_CHANNELS = 16
-WINOGRAD4_MAX_CHANNEL_PRODUCT = 256 * 256
 
 #: The three products of a convolution, as ``choose`` names them.
 PRODUCTS = ("forward", "input_grad", "kernel_grad")
@@ -63,11 +63,13 @@ def prefers_winograd4(pixels, in_channels, out_channels):
 
     Read off ``python -m bench.conv_shapes`` (docs/benchmarks.md, "Choosing the algorithm"): its BLAS
     products need enough input channels to be real matrix products (the 3-channel first layer is
-    faster with F(2x2, 3x3)), enough pixels to repay the transforms, and its 36 x C x OC transformed
-    kernel, read once per chunk of tiles, stops paying on the deep layers, which im2col + GEMM serves.
+    faster with F(2x2, 3x3), and 32 channels only tie), and enough pixels for chunks of 64 tiles to
+    keep every core busy (small_unet's 8 px layer, 64 tiles in all, is faster with F(2x2, 3x3));
+    then it beats both F(2x2, 3x3) and GEMM up to unet's 1024-channel layers.
     """
-    return (pixels >= WINOGRAD4_MIN_PIXELS and in_channels >= WINOGRAD4_MIN_CHANNELS
-            and in_channels * out_channels <= WINOGRAD4_MAX_CHANNEL_PRODUCT)
+    if not (cpu_winograd4.runs_in_parallel() or numba.get_num_threads() == 1):
+        return False        # its chunks would take turns on BLAS's threads: slower than F(2x2, 3x3)
+    return pixels >= WINOGRAD4_MIN_PIXELS and in_channels >= WINOGRAD4_MIN_CHANNELS
 
 
 def choose(product, geometry, x_shape, out_channels, xp=np):

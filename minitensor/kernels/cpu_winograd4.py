@@ -45,17 +45,25 @@ partial sums would be 36 x C x OC).
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
+import numpy as np
+from numba import njit
+
+from .. import cpu_runtime
 from .cpu_conv import pad_input
 from .geometry import flip_kernel
 
-_jit = njit(parallel=True, cache=True, fastmath={"contract"})
+# Serial and without the GIL: the parallelism is this file's own worker threads, one chunk of tiles each.
+_serial = njit(nogil=True, cache=True, fastmath={"contract"})
 
 #: The transformed tiles of one chunk, V and M together, in bytes: what one round of transform, BLAS
 #: products and inverse transform keeps in the cache.
 CHUNK_BYTES = 2 << 20
+#: The fewest tiles a chunk takes: on the deep layers (512 channels and more) the rows of U read per chunk
+#: cost more than a chunk that leaves the cache (unet's 66 px, 512 -> 512 layer: 159 ms at 16, 138 at 64).
+MIN_CHUNK_TILES = 64
 
 _G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
@@ -113,28 +121,25 @@ def _input_tile(x_pad, n, row, col, t, rows_done, v):
             v[6 * i + 3, t, c], v[6 * i + 4, t, c], v[6 * i + 5, t, c] = q3, q4, q5
 
 
-@_jit
-def _transform_inputs(x_pad, tiles_h, tiles_w, start, count, v):
+@_serial
+def _transform_inputs(x_pad, tiles_h, tiles_w, start, count, v, rows_done):
     """v[:, t] = B^T d B for the tiles start .. start + count - 1 of all images (numbered image by image,
-    row by row), in parallel over tiles; v (36, >= count, C4)."""
-    channels = x_pad.shape[3]
+    row by row); v (36, >= count, C4)."""
     per_image = tiles_h * tiles_w
-    for t in prange(count):
-        rows_done = np.empty((6, 6, channels), dtype=x_pad.dtype)
+    for t in range(count):
         n, index = divmod(np.int64(start + t), per_image)
         tile_row, tile_col = divmod(index, tiles_w)
         _input_tile(x_pad, n, 4 * tile_row, 4 * tile_col, t, rows_done, v)
 
 
-@_jit
-def _transform_outputs(m, bias, relu, start, count, y):
-    """The output tiles start .. start + count - 1: y = relu?(A^T M A + bias), in parallel over tiles;
-    m (36, >= count, OC), y (N, 4*tiles_h, 4*tiles_w, OC)."""
+@_serial
+def _transform_outputs(m, bias, relu, start, count, y, cols_done):
+    """The output tiles start .. start + count - 1: y = relu?(A^T M A + bias); m (36, >= count, OC),
+    y (N, 4*tiles_h, 4*tiles_w, OC)."""
     out_channels = m.shape[2]
     tiles_w = y.shape[2] // 4
     per_image = (y.shape[1] // 4) * tiles_w
-    for t in prange(count):
-        cols_done = np.empty((4, 6, out_channels), dtype=m.dtype)
+    for t in range(count):
         n, index = divmod(np.int64(start + t), per_image)
         tile_row, tile_col = divmod(index, tiles_w)
         oh, ow = 4 * tile_row, 4 * tile_col
@@ -158,8 +163,52 @@ def _transform_outputs(m, bias, relu, start, count, y):
 
 
 def chunk_tiles(channels, out_channels, itemsize):
-    """Tiles per chunk: V (36 x tiles x C) and M (36 x tiles x OC) of about CHUNK_BYTES together."""
-    return max(16, CHUNK_BYTES // (36 * (channels + out_channels) * itemsize))
+    """Tiles per chunk: V (36 x tiles x C) and M (36 x tiles x OC) of about CHUNK_BYTES together, and never
+    fewer than MIN_CHUNK_TILES, since each chunk reads all of U (36 x C x OC) once."""
+    return max(MIN_CHUNK_TILES, CHUNK_BYTES // (36 * (channels + out_channels) * itemsize))
+
+
+def _run_chunks(starts, x_pad, u, bias, relu, tiles_h, tiles_w, total, chunk, y):
+    """Transform, multiply and transform back the chunks that begin at ``starts``."""
+    channels, out_channels = x_pad.shape[3], u.shape[2]
+    v = np.zeros((36, chunk, channels), dtype=y.dtype)        # zeros: a short chunk's spare rows stay finite
+    m = np.empty((36, chunk, out_channels), dtype=y.dtype)
+    rows_done = np.empty((6, 6, channels), dtype=y.dtype)
+    cols_done = np.empty((4, 6, out_channels), dtype=y.dtype)
+    for start in starts:
+        count = min(chunk, total - start)
+        _transform_inputs(x_pad, tiles_h, tiles_w, start, count, v, rows_done)
+        np.matmul(v, u, out=m)              # the 36 products M[e] = V[e] @ U[e], by BLAS
+        _transform_outputs(m, bias, relu, start, count, y, cols_done)
+
+
+def _run_chunks_on_one_blas_thread(*args):
+    """A worker's share. Where the BLAS's thread count is truly per thread, this worker's is set here too."""
+    cpu_runtime.set_local_blas_threads(1)
+    _run_chunks(*args)
+
+
+_pool, _pool_size = None, 0
+
+
+def _workers():
+    """The worker threads and their number, one per numba thread (an MPI rank's share of the cores), or one
+    (the calling thread) where the BLAS cannot give each thread its own thread count."""
+    global _pool, _pool_size
+    count = numba.get_num_threads() if runs_in_parallel() else 1
+    if count != _pool_size:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(count - 1, thread_name_prefix="minitensor-winograd4") if count > 1 else None
+        _pool_size = count
+    return _pool, count
+
+
+def runs_in_parallel():
+    """Whether the chunks can run side by side: the BLAS lets each thread have its own thread count
+    (cpu_runtime.set_local_blas_threads). Elsewhere each chunk's products share BLAS's threads, one
+    chunk at a time, which measured slower than F(2x2, 3x3) (kernels/conv_policy.py asks this)."""
+    return cpu_runtime.can_set_local_blas_threads()
 
 
 def conv2d_forward(x, kernel, bias, geometry, relu=False):
@@ -175,13 +224,22 @@ def conv2d_forward(x, kernel, bias, geometry, relu=False):
     bias = np.ascontiguousarray(bias)
     total = x.shape[0] * tiles_h * tiles_w
     chunk = min(total, chunk_tiles(x_pad.shape[3], out_channels, x.dtype.itemsize))
-    v = np.zeros((36, chunk, x_pad.shape[3]), dtype=x.dtype)
-    m = np.empty((36, chunk, out_channels), dtype=x.dtype)
-    for start in range(0, total, chunk):
-        count = min(chunk, total - start)
-        _transform_inputs(x_pad, tiles_h, tiles_w, start, count, v)
-        np.matmul(v, u, out=m)                  # the 36 products M[e] = V[e] @ U[e], by BLAS
-        _transform_outputs(m, bias, bool(relu), start, count, y)
+    starts = list(range(0, total, chunk))
+    pool, count = _workers()
+    work = [starts[worker::count] for worker in range(min(count, len(starts)))]
+    # The chunks are fixed by the shape; which thread runs one changes no bit of it.
+    # One BLAS thread per chunk while they run side by side, set and put back by this thread alone
+    # (cpu_runtime.set_local_blas_threads: in NumPy's OpenBLAS the count is the process's).
+    previous = cpu_runtime.set_local_blas_threads(1)
+    try:
+        futures = [pool.submit(_run_chunks_on_one_blas_thread, mine, x_pad, u, bias, bool(relu), tiles_h, tiles_w,
+                               total, chunk, y) for mine in work[1:]]
+        _run_chunks(work[0], x_pad, u, bias, bool(relu), tiles_h, tiles_w, total, chunk, y)
+        for future in futures:
+            future.result()
+    finally:
+        if previous is not None:
+            cpu_runtime.set_local_blas_threads(previous)
     if (4 * tiles_h, 4 * tiles_w) != (out_h, out_w):
         y = np.ascontiguousarray(y[:, :out_h, :out_w])
     return y
