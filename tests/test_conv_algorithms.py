@@ -223,20 +223,39 @@ def test_winograd4_transforms_are_the_papers_and_its_chunks_change_nothing(monke
     assert np.abs(whole - plain).max() <= 3e-14 * np.abs(plain).max()
 
 
+def test_winograd4_leaves_the_blas_thread_count_as_it_found_it():
+    """Its chunks run on one BLAS thread each, set by the calling thread and put back there: the im2col + GEMM
+    layers after it must get BLAS's threads back (a worker that restored its own count once left the whole
+    process on one thread, and GEMM 2x slower)."""
+    import numba
+
+    from minitensor import cpu_runtime
+
+    if not cpu_runtime.can_set_local_blas_threads() or numba.get_num_threads() < 2:
+        pytest.skip("this BLAS cannot set a thread's count, or numba has one thread: the chunks take turns")
+    count = cpu_runtime.set_local_blas_threads(3)
+    cpu_runtime.set_local_blas_threads(count)
+    x, kernel, bias, _, geometry = operands(4, 32, 32, 16, 16)
+    for _ in range(3):
+        kernels.conv2d_forward(x, kernel, bias, geometry, algorithm="winograd4")
+    assert cpu_runtime.set_local_blas_threads(count) == count
+
+
 def test_a_unet_step_is_the_same_under_every_algorithm():
-    """One small_unet step at 128 px (where 'auto' takes Winograd on the full-resolution layers):
+    """One small_unet step at 96 px (where 'auto' takes F(2x2, 3x3) on the full-resolution layers and
+    F(4x4, 3x3) on the 48 px ones):
     every algorithm, and learning mode, gives the gemm path's loss and weights, to float64 rounding."""
     import minitensor
     from unet import small_unet
 
     rng = np.random.default_rng(3)
-    x = rng.uniform(-1, 1, (1, 128, 128, 3))
-    y = np.eye(4)[rng.integers(0, 4, (1, 128, 128))]
+    x = rng.uniform(-1, 1, (1, 96, 96, 3))
+    y = np.eye(4)[rng.integers(0, 4, (1, 96, 96))]
     results = {}
     for algorithm in ALGORITHMS + ["auto", "learning mode"]:
         with kernels.reference_kernels() if algorithm == "learning mode" else kernels.conv_algorithm(algorithm):
             minitensor.set_seed(0)
-            model = small_unet(base_filters=8, dtype="float64")
+            model = small_unet((96, 96, 3), base_filters=8, dtype="float64")
             model.compile(minitensor.optimizers.Adam(1e-3), minitensor.losses.BinaryCrossentropy(from_logits=True))
             results[algorithm] = (model.train_on_batch(x, y), [w.copy() for w in model.get_weights()])
     loss, weights = results["gemm"]

@@ -224,11 +224,17 @@ def killed(base, name, flags, mode, when, *extra):
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("mode,when,extra", [
-    ("batch", 6, []),                                   # falls back to the epoch-1 checkpoint
-    ("batch", 6, ["--checkpoint-minutes", "0"]),        # a checkpoint after every batch: loses nothing
-    ("save", 3, ["--checkpoint-minutes", "0"]),         # killed inside the third save, before its rename
-])
+# The augmented run takes every kind of kill; the plain one only the kill inside a save, its two kills
+# between batches (the same code, fewer generators to resume) run with -m slow (the suite's time budget).
+KILLS = [("batch", 6, []),                                   # falls back to the epoch-1 checkpoint
+         ("batch", 6, ["--checkpoint-minutes", "0"]),        # a checkpoint after every batch: loses nothing
+         ("save", 3, ["--checkpoint-minutes", "0"])]         # killed inside the third save, before its rename
+
+
+@pytest.mark.parametrize("each_variant,mode,when,extra",
+                         [("augmented", *kill) for kill in KILLS]
+                         + [pytest.param("plain", *kill, marks=pytest.mark.slow) for kill in KILLS[:2]]
+                         + [("plain", *KILLS[2])], indirect=["each_variant"])
 def test_sigkill_then_resume(each_variant, mode, when, extra, capsys):
     flags, base = each_variant
     name = f"kill-{mode}-{when}-{len(extra)}"
