@@ -30,6 +30,8 @@ import time
 
 #: Environment variables by which MPI launchers tell a process how many ranks there are.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+#: Seconds a rank waits between flushing its output and MPI_Abort (MPIWorld.abort says why).
+ABORT_GRACE_S = 1.0
 
 
 class DistributedError(RuntimeError):
@@ -148,9 +150,14 @@ class MPIWorld(SingleProcess):
             time.sleep(0.005)
 
     def abort(self, status: int):
-        """MPI_Abort: mpiexec ends every rank, including those waiting in a collective for this one."""
+        """MPI_Abort: mpiexec ends every rank, including those waiting in a collective for this one.
+
+        The launcher forwards a rank's output on its own time, and an abort can end the job before the
+        rank's last lines (its error message) have gone through: a fresh-clone CI run lost one so. Hence
+        the pause of ABORT_GRACE_S between the flush and the abort, on this error path only."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(status)
 
 
