@@ -197,7 +197,7 @@ _pool, _pool_size = None, 0
 
 def _workers():
     """The worker threads and their number, one per numba thread (an MPI rank's share of the cores), or one
-    (the calling thread) where the BLAS cannot give each thread its own thread count."""
+    (the calling thread) where the BLAS's thread count cannot be set to one for the chunks."""
     global _pool, _pool_size
     count = numba.get_num_threads() if runs_in_parallel() else 1
     if count != _pool_size:
@@ -209,9 +209,9 @@ def _workers():
 
 
 def runs_in_parallel():
-    """Whether the chunks can run side by side: the BLAS lets each thread have its own thread count
-    (cpu_runtime.set_local_blas_threads). Elsewhere each chunk's products share BLAS's threads, one
-    chunk at a time, which measured slower than F(2x2, 3x3) (kernels/conv_policy.py asks this)."""
+    """Whether the chunks can run side by side, each on one BLAS thread (cpu_runtime.set_local_blas_threads,
+    OpenBLAS 0.3.27 on). Elsewhere each chunk's products share BLAS's threads, one chunk at a time, which
+    measured slower than F(2x2, 3x3) (kernels/conv_policy.py asks this)."""
     return cpu_runtime.can_set_local_blas_threads()
 
 
