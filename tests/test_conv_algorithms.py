@@ -202,14 +202,17 @@ def test_winograd_transforms_are_the_papers():
 
 
 def test_winograd4_transforms_are_the_papers_and_its_chunks_change_nothing(monkeypatch):
-    """F(4, 3) in one dimension: A^T [(G g) * (B^T d)] is the 3-tap correlation of six inputs; U = G g G^T
-    of the centre tap; and the tiles' chunking (CHUNK_BYTES) changes no output by more than rounding."""
+    """F(4, 3) in one dimension: A^T [(G g) * (B^T d)] is the 3-tap correlation of six inputs, and the
+    kernels' B^T and A^T are those matrices; U = G g G^T of the centre tap; and the tiles' chunking
+    (CHUNK_BYTES) changes no output by more than rounding."""
     from minitensor.kernels import cpu_winograd4
 
     rng = np.random.default_rng(1)
     d, g = rng.standard_normal(6), rng.standard_normal(3)
     b_t, g_matrix, a_t = (np.array(m, dtype=float) for m in (cpu_winograd4._B_T, cpu_winograd4._G, cpu_winograd4._A_T))
     np.testing.assert_allclose(a_t @ ((g_matrix @ g) * (b_t @ d)), [d[i:i + 3] @ g for i in range(4)], rtol=1e-13)
+    np.testing.assert_allclose(cpu_winograd4._b_t(*d), b_t @ d, rtol=1e-14)        # the kernels' hand-written forms
+    np.testing.assert_allclose(cpu_winograd4._a_t(*d), a_t @ d, rtol=1e-14)
     kernel = np.zeros((3, 3, 1, 1))
     kernel[1, 1, 0, 0] = 1.0
     u = cpu_winograd4.transform_kernel(kernel, 4)[:, 0, 0].reshape(6, 6)

@@ -32,10 +32,11 @@ measured faster.
 
 Chunks. The 36 products are matrix products (tiles x C) @ (C x OC), which BLAS runs near its peak
 where a numba loop over broadcast tiles stays load-bound. The tiles of all images are numbered
-image by image, row by row, and taken a chunk at a time (``CHUNK_BYTES`` of V and M together):
-transform the chunk's inputs (numba, parallel over tiles), ``np.matmul`` over the 36 positions,
-transform its outputs back (numba, parallel over tiles) into y. The chunk stays in the cache
-between the three steps; the whole 2.25x-sized transformed image is never built.
+image by image, row by row, and cut into chunks (``CHUNK_BYTES`` of V and M together, at least
+``MIN_CHUNK_TILES`` tiles). Each worker thread (one per numba thread) takes every n-th chunk and, for
+each, transforms its inputs (serial numba without the GIL), runs ``np.matmul`` over the 36 positions
+on one BLAS thread, and transforms its outputs back into y. The chunk stays in the cache between the
+three steps; the whole 2.25x-sized transformed image is never built.
 
 Contract. Memory: the padded input (scratch memory), the output, the transformed kernel (36 x C x
 OC, 4x the kernel) and one chunk's V and M. Every output element is written once; the sums run in an
@@ -68,6 +69,7 @@ _KERNEL_BLOCK = 64               # output channels per step of transform_kernel
 
 _G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
+# B^T and A^T as matrices, for reading and for the tests: the kernels use their hand-written forms _b_t, _a_t.
 _B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 _A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
