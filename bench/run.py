@@ -48,6 +48,16 @@ PACKAGES = {   # what to report, and the distribution names each may be installe
 
 # ----- the machine and the software ----------------------------------------------------------
 
+def _cpu_runtime():
+    """minitensor/cpu_runtime.py loaded on its own: its ``cpu_identity`` names the CPU as minitensor's
+    convolution plan cache does. ``import minitensor`` here would set its thread variables in this
+    process, which every engine's worker (TensorFlow's and PyTorch's too) would inherit."""
+    spec = importlib.util.spec_from_file_location("_minitensor_cpu_runtime", REPO / "minitensor" / "cpu_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _read(path):
     try:
         return Path(path).read_text()
@@ -55,29 +65,14 @@ def _read(path):
         return ""
 
 
-def vector_isa(flags, machine):
-    """The widest x86 vector extension the CPU reports (the ratio to TF and PyTorch depends on it)."""
-    if "avx512f" in flags:
-        return "AVX-512" + (" (with BF16)" if "avx512_bf16" in flags else "")
-    for name, label in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
-        if name in flags:
-            return label
-    return machine or "unknown"
-
-
 def machine_info():
-    cpuinfo = _read("/proc/cpuinfo")
-    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.M)
     meminfo = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), flags=re.M)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    flags = set((re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, flags=re.M) or [""])[0].split())
     info = {
-        "cpu_model": models[0].strip() if models else (platform.processor() or platform.machine()),
-        "cpu_family_model": "/".join(re.findall(r"^(?:cpu family|model)\s*:\s*(\d+)$", cpuinfo, flags=re.M)[:2]),
-        "vector_isa": vector_isa(flags, platform.machine()),
+        **_cpu_runtime().cpu_identity(),
         "logical_cores": os.cpu_count(), "usable_cores": usable,
         "memory_gib": round(int(meminfo.group(1)) / 2**20, 1) if meminfo else None,
         "os": platform.platform(), "python": platform.python_version(),

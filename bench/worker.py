@@ -7,7 +7,8 @@ thread pools and GPU allocators never meet, and each process's peak memory is it
 The result is the last stdout line that starts with ``BENCH_RESULT ``.
 
 Timing: ``warmup`` untimed steps (they compile numba / CUDA / XLA kernels, pick cuDNN
-algorithms and allocate the optimizer state), then ``steps`` timed steps, each between two
+algorithms and allocate the optimizer state; minitensor's go on until its measured convolution
+plan has settled), then ``steps`` timed steps, each between two
 device synchronisations; the data is on the device before the first step, so no host->device
 copy is timed. We report the median step.
 """
@@ -57,14 +58,24 @@ def peak_rss_bytes():
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def time_steps(step, sync, warmup, steps, log):
-    """Run ``warmup`` + ``steps`` calls of ``step``; return (per-step seconds, loss values)."""
+#: At most this many warm-up steps beyond ``warmup`` wait for minitensor's measured plan to settle.
+MAX_PLAN_WARMUP = 30
+
+
+def time_steps(step, sync, warmup, steps, log, settled=lambda: True):
+    """Run ``warmup`` + ``steps`` calls of ``step``; return (per-step seconds, loss values, warm-up steps run).
+
+    A warm-up of one step or more goes on, up to MAX_PLAN_WARMUP steps more, until ``settled()``: minitensor's 'auto' tries
+    each new convolution shape's algorithms in its first steps (kernels/conv_plan.py), as cuDNN's
+    benchmark mode and TF's autotuning do in theirs, and those trials are warm-up, not the step."""
     losses = []
-    for i in range(warmup):
+    i = 0
+    while i < warmup or (warmup and not settled() and i < warmup + MAX_PLAN_WARMUP):
         start = time.perf_counter()
         losses.append(step())
         sync()
-        log(f"warm-up {i + 1}/{warmup}: {time.perf_counter() - start:.3f} s")
+        i += 1
+        log(f"warm-up {i}: {time.perf_counter() - start:.3f} s")
     times = []
     for i in range(steps):
         sync()
@@ -73,7 +84,7 @@ def time_steps(step, sync, warmup, steps, log):
         sync()
         times.append(time.perf_counter() - start)
         log(f"step {i + 1}/{steps}: {times[-1]:.3f} s")
-    return times, losses
+    return times, losses, len(losses) - steps
 
 
 # ----- the three engines -------------------------------------------------------------------
@@ -131,8 +142,18 @@ def setup_minitensor(workload, args, x, y, info):
             return cupy_memory(cupy, lambda: (model.train_on_batch(xd, yd), sync()))
     else:
         memory = None
+    from minitensor.kernels import conv_plan
+
+    def plan_note():
+        plan = conv_plan.summary()
+        if minitensor.kernels.get_conv_algorithm() == "auto" and device == "cpu":
+            info["conv_plan"] = plan
+            info["notes"].append(f"conv plan: {plan['tried']} products tried in this run's warm-up (their slower "
+                                 f"candidates took {plan['extra_seconds']:.1f} s more), the others from "
+                                 f"{plan['cache']}")
+
     return {"step": lambda: model.train_on_batch(xd, yd), "sync": sync, "memory": memory,
-            "model": model, "x": xd, "y": yd}
+            "model": model, "x": xd, "y": yd, "settled": conv_plan.settled, "after_timing": plan_note}
 
 
 def cupy_memory(cupy, one_step):
@@ -287,12 +308,13 @@ def run(args):
             info.update(status="error", error=f"{exc} (MINITENSOR_REQUIRE_GPU=1: on --device gpu, "
                                               f"unavailable counts as an error)")
         return info
-    times, losses = time_steps(engine["step"], engine["sync"], args.warmup, args.steps, log)
+    times, losses, warmup = time_steps(engine["step"], engine["sync"], args.warmup, args.steps, log,
+                                       engine.get("settled", lambda: True))
     if "after_timing" in engine:
         engine["after_timing"]()
     median = statistics.median(times)
     info.update(
-        status="ok", steps=len(times), warmup=args.warmup, step_times_s=times, median_step_s=median,
+        status="ok", steps=len(times), warmup=warmup, step_times_s=times, median_step_s=median,
         min_step_s=min(times), max_step_s=max(times), images_per_s=workload.batch / median,
         first_loss=losses[0], last_loss=losses[-1],
     )

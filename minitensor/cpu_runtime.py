@@ -61,9 +61,40 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def local_ranks(environ=os.environ):
+    """How many MPI ranks the launcher started on this machine (1 without one)."""
+    return next((int(environ[name]) for name in LOCAL_RANKS if environ.get(name, "").strip().isdigit()), 1)
+
+
+def vector_isa(flags, machine=""):
+    """The widest x86 vector extension in a set of /proc/cpuinfo flags (what a CPU's speed here depends on)."""
+    if "avx512f" in flags:
+        return "AVX-512" + (" (with BF16)" if "avx512_bf16" in flags else "")
+    for name, label in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if name in flags:
+            return label
+    return machine or "unknown"
+
+
+def cpu_identity():
+    """{"cpu_model", "cpu_family_model", "vector_isa"} of this machine, from /proc/cpuinfo where there is one."""
+    import platform
+    import re
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpuinfo = file.read()
+    except OSError:
+        cpuinfo = ""
+    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.M)
+    flags = set((re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, flags=re.M) or [""])[0].split())
+    return {"cpu_model": models[0].strip() if models else (platform.processor() or platform.machine()),
+            "cpu_family_model": "/".join(re.findall(r"^(?:cpu family|model)\s*:\s*(\d+)$", cpuinfo, flags=re.M)[:2]),
+            "vector_isa": vector_isa(flags, platform.machine())}
+
+
 def threads_per_rank(environ=os.environ):
     """Threads for each pool of one rank when an MPI launcher started several on this machine, else None."""
-    ranks = next((int(environ[name]) for name in LOCAL_RANKS if environ.get(name, "").strip().isdigit()), 1)
+    ranks = local_ranks(environ)
     if ranks <= 1:
         return None
     return max(1, usable_cores() // ranks)

@@ -1,15 +1,25 @@
 """Shared fixtures: TensorFlow imported once (quietly), where the GPU tests run, small helpers."""
+import atexit
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # oneDNN reorders float sums; keep TF's reference kernels
 
-import minitensor  # noqa: F401  before NumPy, as train.py does (minitensor/cpu_runtime.py)
-import numpy as np
-import pytest
+# The fixed rules for the convolutions' algorithms, not 'auto''s timings: a test's numbers must not depend on
+# how busy the machine was (tests/test_conv_plan.py tests 'auto' itself), and no test writes the user's
+# plan cache. Subprocesses (train.py, predict.py, MPI ranks) inherit both.
+os.environ.setdefault("MINITENSOR_CONV", "rules")
+_PLAN_CACHE = tempfile.mkdtemp(prefix="minitensor-test-cache-")
+os.environ.setdefault("MINITENSOR_CACHE_DIR", _PLAN_CACHE)
+atexit.register(shutil.rmtree, _PLAN_CACHE, ignore_errors=True)
 
-from minitensor import backend
+import minitensor  # noqa: E402, F401  before NumPy, as train.py does (minitensor/cpu_runtime.py)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from minitensor import backend  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -72,13 +82,13 @@ def gpu_backend(request, monkeypatch):
 
 @pytest.fixture
 def fast_kernels():
-    """numba / CUDA and the 'auto' convolution choice for one test, whatever MINITENSOR_KERNELS /
+    """numba / CUDA and the 'rules' convolution choice for one test, whatever MINITENSOR_KERNELS /
     MINITENSOR_CONV say (a whole suite may be run in learning mode, MINITENSOR_KERNELS=reference)."""
     from minitensor import kernels
 
     previous = kernels.using_reference()
     kernels.use_reference(False)
-    with kernels.conv_algorithm("auto"):
+    with kernels.conv_algorithm("rules"):
         yield
     kernels.use_reference(previous)
 

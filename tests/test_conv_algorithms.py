@@ -28,7 +28,7 @@ PRODUCTS = ("conv2d_forward", "conv2d_input_grad", "conv2d_kernel_grad")
 
 @pytest.fixture(autouse=True)
 def _fast(fast_kernels):
-    """Every test here starts from numba / CUDA and 'auto' (conftest.fast_kernels)."""
+    """Every test here starts from numba / CUDA and 'rules' (conftest.fast_kernels)."""
 
 
 def operands(n, h, w, c, oc, k=3, stride=1, padding="same", dtype=np.float32, seed=0):
@@ -43,7 +43,7 @@ def products(x, kernel, bias, dz, geometry, algorithm=None):
             kernels.conv2d_kernel_grad(x, dz, geometry, algorithm="winograd" if algorithm == "winograd4" else algorithm))
 
 
-# (N, H, W, C, OC, kernel, stride) and what 'auto' runs there for (y, dx, dW): small_unet's kind of
+# (N, H, W, C, OC, kernel, stride) and what 'rules' runs there for (y, dx, dW): small_unet's kind of
 # full-resolution layer goes to Winograd (F(4x4, 3x3) from 16 channels, for y and dx); a small map, a 1x1,
 # a strided and a 5x5 layer keep im2col + GEMM.
 PINNED = [((1, 96, 96, 8, 8, 3, 1), ("winograd",) * 3), ((2, 64, 64, 8, 8, 3, 1), ("winograd",) * 3),
@@ -54,7 +54,7 @@ PINNED = [((1, 96, 96, 8, 8, 3, 1), ("winograd",) * 3), ((2, 64, 64, 8, 8, 3, 1)
 
 @pytest.mark.parametrize("shape, expected", PINNED, ids=str)
 def test_auto_runs_the_algorithm_it_names_and_no_other(shape, expected):
-    """Pinned by the numbers, not by the thresholds: each product under 'auto' gives exactly the bits of
+    """Pinned by the numbers, not by the thresholds: each product under 'rules' gives exactly the bits of
     the algorithm it is expected to take (and conv_algorithm_of names), and not those of the others."""
     n, h, w, c, oc, k, stride = shape
     x, kernel, bias, dz, geometry = operands(n, h, w, c, oc, k, stride)
@@ -76,7 +76,7 @@ def test_auto_runs_the_algorithm_it_names_and_no_other(shape, expected):
 @given(n=st.integers(1, 32), size=st.integers(1, 200), c=st.integers(1, 2048), oc=st.integers(1, 2048),
        k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2]))
 def test_the_policy_is_monotone_and_keeps_gemm_where_nothing_else_runs(n, size, c, oc, k, stride):
-    """What 'auto' must do whatever its tuned numbers: more pixels never change a Winograd choice, fewer
+    """What 'rules' must do whatever its tuned numbers: more pixels never change a Winograd choice, fewer
     channels never take F(2x2, 3x3) away; dW never goes to Winograd where the forward does not; strided,
     1x1, non-3x3 layers, CuPy arrays and learning mode never reach a numba kernel; and the explicit
     settings are obeyed ('winograd4' has no dW of its own: F(2x2, 3x3) there)."""
@@ -112,7 +112,7 @@ def test_the_policy_is_monotone_and_keeps_gemm_where_nothing_else_runs(n, size, 
 
 def test_learning_mode_runs_the_reference_convolution():
     """Under MINITENSOR_KERNELS=reference the layer's numbers are reference.py's im2col -> GEMM -> col2im, bit for bit."""
-    x, kernel, bias, dz, geometry = operands(1, 96, 96, 4, 6)          # 'auto' would take Winograd here
+    x, kernel, bias, dz, geometry = operands(1, 96, 96, 4, 6)          # 'rules' would take Winograd here
     layer = layers.Conv2D(6, 3, 1, "same", activation="relu", seed=0)
     layer.build((96, 96, 4))
     layer.set_weights([kernel, bias])
@@ -245,7 +245,7 @@ def test_winograd4_leaves_the_blas_thread_count_as_it_found_it():
 
 
 def test_a_unet_step_is_the_same_under_every_algorithm():
-    """One small_unet step at 96 px (where 'auto' takes F(2x2, 3x3) on the full-resolution layers and
+    """One small_unet step at 96 px (where 'rules' takes F(2x2, 3x3) on the full-resolution layers and
     F(4x4, 3x3) on the 48 px ones):
     every algorithm, and learning mode, gives the gemm path's loss and weights, to float64 rounding."""
     import minitensor
@@ -255,7 +255,7 @@ def test_a_unet_step_is_the_same_under_every_algorithm():
     x = rng.uniform(-1, 1, (1, 96, 96, 3))
     y = np.eye(4)[rng.integers(0, 4, (1, 96, 96))]
     results = {}
-    for algorithm in ALGORITHMS + ["auto", "learning mode"]:
+    for algorithm in ALGORITHMS + ["rules", "auto", "learning mode"]:
         with kernels.reference_kernels() if algorithm == "learning mode" else kernels.conv_algorithm(algorithm):
             minitensor.set_seed(0)
             model = small_unet((96, 96, 3), base_filters=8, dtype="float64")
@@ -295,11 +295,11 @@ def test_bad_arguments_are_clear_errors(call, error, message):
 
 
 def test_the_algorithm_switch():
-    assert kernels.get_conv_algorithm() == "auto"
+    assert kernels.get_conv_algorithm() == "rules"
     with kernels.conv_algorithm("gemm"):
         assert kernels.get_conv_algorithm() == "gemm"
-    assert kernels.get_conv_algorithm() == "auto"
-    with pytest.raises(ValueError, match="expected one of auto, winograd4, winograd, direct, gemm"):
+    assert kernels.get_conv_algorithm() == "rules"
+    with pytest.raises(ValueError, match="expected one of auto, rules, winograd4, winograd, direct, gemm"):
         kernels.set_conv_algorithm("fastest")
     environment = dict(os.environ, MINITENSOR_CONV="nope")
     result = subprocess.run([sys.executable, "-c", "import minitensor"], env=environment, capture_output=True,
@@ -309,6 +309,10 @@ def test_the_algorithm_switch():
     result = subprocess.run([sys.executable, "-c", "import minitensor; print(minitensor.kernels.get_conv_algorithm())"],
                             env=environment, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "direct"
+    del environment["MINITENSOR_CONV"]          # a user's default: the measured plan (conftest sets 'rules')
+    result = subprocess.run([sys.executable, "-c", "import minitensor; print(minitensor.kernels.get_conv_algorithm())"],
+                            env=environment, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "auto"
 
 
 def run_python(code, **environment):

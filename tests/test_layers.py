@@ -32,7 +32,7 @@ POOL_CASES = [
 
 
 #: The ways a Conv2D's products can run: each CPU algorithm, and learning mode (reference.py's
-#: im2col -> GEMM -> col2im). These small cases keep im2col + GEMM under 'auto'.
+#: im2col -> GEMM -> col2im). These small cases keep im2col + GEMM under 'rules'.
 CONV_PATHS = ["gemm", "winograd", "winograd4", "direct", "learning mode"]
 
 

@@ -32,6 +32,7 @@ from minitensor import backend
 from minitensor.checkpoint import remove_stale_temporaries
 from minitensor.data_parallel import DataParallel
 from minitensor.distributed import SingleProcess
+from minitensor.kernels import conv_plan
 
 from .callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .data import CLASS_NAMES, NUM_CLASSES
@@ -101,6 +102,7 @@ class Trainer(TrainerCheckpoints):
                                    augmenter={"streams": "per-sample", "seed": augmenter.seed} if augmenter else None)
         self._last_save = time.monotonic()
         self._save_seconds = 0.0     # time spent writing checkpoints in this epoch
+        self._plan_tried_logged, self._plan_extra_logged = 0, 0.0   # conv_plan.summary() when last logged
         if border_weighted and class_weights is not None:
             log("border-weighted loss, class weights: "
                 + ", ".join(f"{name} {w:.3g}" for name, w in zip(CLASS_NAMES, class_weights)))
@@ -290,6 +292,12 @@ class Trainer(TrainerCheckpoints):
         self.log(f"Epoch {row['epoch']}/{self.epochs} - loss {row['loss']:.4f} - val_loss {row['val_loss']:.4f} "
                  f"- lr {row['lr']:.2e} - {row['seconds']:.1f} s - {row['images_per_second']:.1f} images/s"
                  f" - checkpoints {row['save_seconds']:.1f} s")
+        plan = conv_plan.summary()
+        if plan["tried"] > self._plan_tried_logged:
+            self.log(f"  (the convolutions' algorithms: {plan['tried'] - self._plan_tried_logged} new shapes timed "
+                     f"on this machine, in steps that took {plan['extra_seconds'] - self._plan_extra_logged:.1f} s "
+                     f"more than the fastest choices would have; kept in {plan['cache']})")
+            self._plan_tried_logged, self._plan_extra_logged = plan["tried"], plan["extra_seconds"]
 
     def _stopped(self):
         self.log(f"stopped: saved {self.resume_path}; continue with the same command and --resume")

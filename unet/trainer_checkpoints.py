@@ -12,6 +12,7 @@ import os
 import time
 
 from minitensor.checkpoint import read_checkpoint, write_checkpoint
+from minitensor.kernels import conv_plan
 from minitensor.files import with_prefix
 
 from .training_state import TrainingState
@@ -39,7 +40,7 @@ class TrainerCheckpoints:
             self.state, weights=with_prefix(self.model.weights_dict(), "weights/"),
             optimizer=self.model.optimizer.get_state(),
             history=list(self.state.history), callbacks=[c.get_state() for c in self.callbacks],
-            stop_training=bool(self.model.stop_training))
+            stop_training=bool(self.model.stop_training), conv_plan=conv_plan.state())
 
     def apply(self, state: TrainingState, source="the checkpoint"):
         """Put ``state`` into the model, the optimizer, the callbacks and the augmenter."""
@@ -48,6 +49,11 @@ class TrainerCheckpoints:
         for callback, saved in zip(self.callbacks, state.callbacks, strict=True):
             callback.set_state(saved)
         self.model.stop_training = state.stop_training
+        # The same convolution algorithms as the run it continues, so the same rounding (kernels/conv_plan.py).
+        refused = conv_plan.restore(state.conv_plan)
+        if refused:
+            self.log(f"{source}: {len(refused)} convolution choices there cannot run in this version "
+                     f"(first: {refused[0]!r}); those are measured again")
         if self.augmenter and "rng" in (state.augmenter or {}):
             # A run begun before per-sample streams: it goes on drawing from the one sequential
             # stream it was drawing from, so that it still ends as it would have uninterrupted.

@@ -37,9 +37,11 @@ class TrainingState:
     augmenter: dict | None = None
     best_val_loss: float | None = None   # the lowest val_loss so far, whose weights are in best.npz
     best_epoch: int = 0
+    conv_plan: dict | None = None   # minitensor.kernels.conv_plan.state(): the convolutions' measured choices
 
     ARRAYS = ("weights", "optimizer")
-    ADDED_LATER = ("best_val_loss", "best_epoch")   # older checkpoints lack them: their defaults mean "unknown"
+    # Older checkpoints lack these: their defaults mean "unknown" (a run without a conv_plan plans afresh).
+    ADDED_LATER = ("best_val_loss", "best_epoch", "conv_plan")
 
     def to_dict(self) -> dict[str, Any]:
         """{"weights": {...}, "optimizer": {...}, "progress": {every other field, JSON-able}}."""

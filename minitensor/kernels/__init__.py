@@ -9,7 +9,8 @@ CUDA (``gpu.py``). NumPy arrays take the numba column, CuPy arrays the CUDA colu
 column has no code of its own the table says which it uses and why. Learning mode
 (``MINITENSOR_KERNELS=reference``, ``use_reference(True)`` or ``with reference_kernels():``,
 kernels/switches.py) runs the reference column everywhere. The convolutions pick one of
-several algorithms per product (kernels/conv_policy.py; ``set_conv_algorithm``, ``MINITENSOR_CONV``).
+several algorithms per product (kernels/conv_policy.py; ``set_conv_algorithm``, ``MINITENSOR_CONV``), under
+'auto' by what this machine measured (kernels/conv_plan.py).
 The elementwise ops' functions (``table.ELEMENTWISE``: one shape for all their arrays) are written
 from the table by ``_elementwise``; the others check their windows and shapes below.
 docs/CONTRACTS.md states each op's contract.
@@ -24,6 +25,7 @@ import numpy as np
 from minitensor.backend import get_array_module
 from minitensor.kernels import table
 from minitensor.kernels.checks import FLOAT_DTYPES, check_float_array, check_ints, check_window, check_x_shape
+from minitensor.kernels import conv_plan
 from minitensor.kernels.conv import algorithm_of as conv_algorithm_of
 from minitensor.kernels.conv import conv2d_forward, conv2d_input_grad, conv2d_kernel_grad
 from minitensor.kernels.geometry import ConvGeometry
@@ -34,7 +36,7 @@ if __doc__:                       # None under python -OO
     __doc__ += table.format_table()
 
 __all__ = ["CONV_ALGORITHMS", "ConvGeometry", "adam_update", "col2im", "conv2d_forward", "conv2d_input_grad",
-           "conv2d_kernel_grad", "conv_algorithm", "conv_algorithm_of", "get_conv_algorithm", "im2col",
+           "conv2d_kernel_grad", "conv_algorithm", "conv_algorithm_of", "conv_plan", "get_conv_algorithm", "im2col",
            "implementation_of", "maxpool_backward", "maxpool_forward", "reference_kernels",
            "set_conv_algorithm", "softmax_forward", "upsample_backward", "upsample_forward", "use_reference",
            "using_reference", *table.ELEMENTWISE]

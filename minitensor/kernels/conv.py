@@ -7,9 +7,12 @@
 reference.py holds their definitions (im2col -> GEMM -> col2im) and layers/conv2d.py derives
 them. Each call checks its arguments, asks kernels/conv_policy.py which algorithm serves this
 product on these arrays (or takes the one named by ``algorithm=``: 'reference', 'gemm',
-'winograd', 'winograd4', 'direct'), and runs that algorithm's code from the op table (kernels/table.py).
+'winograd', 'winograd4', 'direct'), and runs that algorithm's code from the op table (kernels/table.py),
+timing the call when the measured plan asks for it (kernels/conv_plan.py: a new shape's first calls).
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -51,10 +54,24 @@ def _algorithm_code(op, algorithm, geometry, xp):
     return options[algorithm].module
 
 
-def _serve(op, geometry, x_shape, out_channels, xp, algorithm):
+def _serve(op, geometry, x_shape, out_channels, xp, algorithm, dtype):
+    """(the code that runs ``op``, None or the plan's Trial to time it for: kernels/conv_plan.py)."""
+    trial = None
     if algorithm is None:
-        algorithm = conv_policy.choose(_PRODUCT[op], geometry, x_shape, out_channels, xp)
-    return _algorithm_code(op, algorithm, geometry, xp)
+        algorithm, trial = conv_policy.decide(_PRODUCT[op], geometry, x_shape, out_channels, xp, dtype)
+    return _algorithm_code(op, algorithm, geometry, xp), trial
+
+
+def _run(trial, function, *args, **kwargs):
+    """function(*args, **kwargs), timed for the plan when it is one of its trials."""
+    if trial is None:
+        return function(*args, **kwargs)
+    if trial.cold:
+        function(*args, **kwargs)      # loads the compiled code; the timed call below gives the same result
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    trial.record(time.perf_counter() - start)
+    return result
 
 
 def conv2d_forward(x, kernel, bias, geometry, relu=False, algorithm=None):
@@ -69,8 +86,9 @@ def conv2d_forward(x, kernel, bias, geometry, relu=False, algorithm=None):
         if tuple(getattr(bias, "shape", ())) != (kernel.shape[3],):
             raise ValueError(f"bias must have shape ({kernel.shape[3]},), got {tuple(getattr(bias, 'shape', ()))}")
         check_same("x", x, "bias", bias)
-    code = _serve("conv2d_forward", geometry, x.shape, kernel.shape[3], get_array_module(x, kernel), algorithm)
-    return code.conv2d_forward(x, kernel, bias, geometry, relu=bool(relu))
+    code, trial = _serve("conv2d_forward", geometry, x.shape, kernel.shape[3], get_array_module(x, kernel),
+                         algorithm, x.dtype)
+    return _run(trial, code.conv2d_forward, x, kernel, bias, geometry, relu=bool(relu))
 
 
 def conv2d_input_grad(dz, kernel, x_shape, geometry, algorithm=None):
@@ -84,8 +102,9 @@ def conv2d_input_grad(dz, kernel, x_shape, geometry, algorithm=None):
     if tuple(dz.shape) != expected or kernel.shape[2] != x_shape[3]:
         raise ValueError(f"dz {tuple(dz.shape)} and kernel {tuple(kernel.shape)} do not fit x_shape {x_shape}: "
                          f"dz must be {expected}, the kernel's input channels {x_shape[3]}")
-    code = _serve("conv2d_input_grad", geometry, x_shape, kernel.shape[3], get_array_module(dz, kernel), algorithm)
-    return code.conv2d_input_grad(dz, kernel, x_shape, geometry)
+    code, trial = _serve("conv2d_input_grad", geometry, x_shape, kernel.shape[3], get_array_module(dz, kernel),
+                         algorithm, dz.dtype)
+    return _run(trial, code.conv2d_input_grad, dz, kernel, x_shape, geometry)
 
 
 def conv2d_kernel_grad(x, dz, geometry, algorithm=None):
@@ -100,8 +119,9 @@ def conv2d_kernel_grad(x, dz, geometry, algorithm=None):
     if tuple(dz.shape[1:3]) != (geometry.out_h, geometry.out_w):
         raise ValueError(f"dz is {dz.shape[1]}x{dz.shape[2]} but the geometry's output is "
                          f"{geometry.out_h}x{geometry.out_w}")
-    code = _serve("conv2d_kernel_grad", geometry, x.shape, dz.shape[3], get_array_module(x, dz), algorithm)
-    return code.conv2d_kernel_grad(x, dz, geometry)
+    code, trial = _serve("conv2d_kernel_grad", geometry, x.shape, dz.shape[3], get_array_module(x, dz),
+                         algorithm, x.dtype)
+    return _run(trial, code.conv2d_kernel_grad, x, dz, geometry)
 
 
 def algorithm_of(op, *args, **kwargs):
@@ -116,4 +136,5 @@ def algorithm_of(op, *args, **kwargs):
             (geometry, x.shape, dz.shape[3], (x, dz), algorithm),
     }
     geometry, x_shape, out_channels, arrays, algorithm = parameters[op](*args, **kwargs)
-    return algorithm or conv_policy.choose(_PRODUCT[op], geometry, x_shape, out_channels, get_array_module(*arrays))
+    return algorithm or conv_policy.choose(_PRODUCT[op], geometry, x_shape, out_channels, get_array_module(*arrays),
+                                           arrays[0].dtype)

@@ -10,7 +10,8 @@ Each can run as
 - ``direct``: the register-blocked direct convolution on the CPU (kernels/cpu_conv.py), stride 1;
 - ``reference``: im2col -> GEMM -> col2im in plain array code (kernels/reference.py), learning mode.
 
-``choose`` decides, from the switches (kernels/switches.py) and the product's shape:
+``choose`` decides, from the switches (kernels/switches.py), the product's shape and, under 'auto', this
+machine's timings:
 
 - learning mode (``MINITENSOR_KERNELS=reference``): ``reference`` everywhere;
 - CuPy arrays, strided and 1x1 layers, or the setting 'gemm': ``gemm`` (the 1x1 stride-1 layer
@@ -18,8 +19,13 @@ Each can run as
 - the setting 'direct': ``direct`` for every other stride-1 layer;
 - kernels other than 3x3: ``gemm``;
 - the settings 'winograd' and 'winograd4': that one (dW takes ``winograd`` under 'winograd4');
-- 'auto' (the default): for the forward and dx, ``winograd4`` where ``prefers_winograd4`` says it
-  measured faster; then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere.
+- 'rules' (``rules``): for the forward and dx, ``winograd4`` where ``prefers_winograd4`` says it
+  measured faster; then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere. Fixed
+  thresholds, read off one machine kind (a 2-core AMD EPYC), the same answer everywhere;
+- 'auto' (the default): what this machine measured. The first time a process meets a product of a
+  new shape, every algorithm that can run it is timed and the fastest kept (kernels/conv_plan.py:
+  once per shape and machine kind, cached on disk, pinned in a training checkpoint); the rules'
+  answer stands unless another algorithm is clearly faster, and wherever nothing is measured.
 
 The input gradient of a stride-1 convolution is itself a convolution (of dZ, with the flipped
 kernel, whose output is x's N x H x W pixels), so it is judged as a forward of that size.
@@ -29,7 +35,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from minitensor.kernels import cpu_winograd4, switches
+from minitensor.kernels import conv_plan, cpu_winograd4, switches
 
 #: Where 'auto' uses Winograd (see prefers_winograd).
 WINOGRAD_MIN_PIXELS = 8192
@@ -72,20 +78,9 @@ def prefers_winograd4(pixels, in_channels, out_channels):
     return pixels >= WINOGRAD4_MIN_PIXELS and in_channels >= WINOGRAD4_MIN_CHANNELS
 
 
-def choose(product, geometry, x_shape, out_channels, xp=np):
-    """The algorithm for one product: 'reference', 'gemm', 'winograd', 'winograd4' or 'direct' (see the module
-    docstring).
-
-    ``geometry`` is the layer's ConvGeometry, ``x_shape`` the layer input's (N, H, W, C),
-    ``out_channels`` its OC, ``xp`` the arrays' module (NumPy or CuPy).
-    """
-    if product not in PRODUCTS:
-        raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
-    if switches.using_reference():
-        return "reference"
-    setting = switches.get_conv_algorithm()
-    if setting == "gemm" or not geometry.unit_stride or geometry.pointwise or xp is not np:
-        return "gemm"
+def rules(product, geometry, x_shape, out_channels, setting="rules"):
+    """The rules' algorithm for one product of a stride-1, non-1x1 layer on the CPU: 'winograd4',
+    'winograd', 'direct' or 'gemm' from the setting and the thresholds above (see the module docstring)."""
     if setting == "direct":
         return "direct"
     if geometry.kernel_size != (3, 3):
@@ -105,3 +100,31 @@ def choose(product, geometry, x_shape, out_channels, xp=np):
     if prefers_winograd(pixels, in_channels, out_channels, measured_as):
         return "winograd"
     return "gemm"
+
+
+def choose(product, geometry, x_shape, out_channels, xp=np, dtype=np.float32):
+    """The algorithm for one product: 'reference', 'gemm', 'winograd', 'winograd4' or 'direct' (see the module
+    docstring).
+
+    ``geometry`` is the layer's ConvGeometry, ``x_shape`` the layer input's (N, H, W, C),
+    ``out_channels`` its OC, ``xp`` the arrays' module (NumPy or CuPy), ``dtype`` theirs (the plan
+    measures float32 and float64 apart).
+    """
+    return decide(product, geometry, x_shape, out_channels, xp, dtype)[0]
+
+
+def decide(product, geometry, x_shape, out_channels, xp=np, dtype=np.float32):
+    """(algorithm, trial): ``choose``'s answer, and None or the conv_plan.Trial that must be given the call's
+    time (kernels/conv.py runs the call)."""
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    if switches.using_reference():
+        return "reference", None
+    setting = switches.get_conv_algorithm()
+    if setting == "gemm" or not geometry.unit_stride or geometry.pointwise or xp is not np:
+        return "gemm", None
+    preferred = rules(product, geometry, x_shape, out_channels, setting)
+    if setting == "auto":
+        entry = conv_plan.key(product, geometry, tuple(x_shape), out_channels, dtype)
+        return conv_plan.current().choose(entry, preferred)
+    return preferred, None

@@ -17,7 +17,7 @@ import contextlib
 import os
 
 #: The choices of ``set_conv_algorithm`` (kernels/conv_policy.py says what each does).
-CONV_ALGORITHMS = ("auto", "winograd4", "winograd", "direct", "gemm")
+CONV_ALGORITHMS = ("auto", "rules", "winograd4", "winograd", "direct", "gemm")
 
 
 def reference_requested_by_environment() -> bool:
@@ -62,8 +62,9 @@ def reference_kernels():
 
 
 def set_conv_algorithm(name: str) -> None:
-    """How the CPU runs Conv2D's stride-1 products: 'auto', 'winograd4', 'winograd', 'direct' or 'gemm'
-    (kernels/conv_policy.py, ``choose``, says what each does)."""
+    """How the CPU runs Conv2D's stride-1 products: 'auto' (measured on this machine), 'rules' (the fixed
+    thresholds), 'winograd4', 'winograd', 'direct' or 'gemm' (kernels/conv_policy.py, ``choose``, says what
+    each does)."""
     global _conv_algorithm
     _conv_algorithm = _check_conv_algorithm(name, "conv algorithm")
 
