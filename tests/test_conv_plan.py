@@ -63,8 +63,8 @@ def test_the_trials_run_a_fixed_sequence_then_decide_by_the_times():
                         "winograd4", "winograd4", "winograd", "winograd"]
     assert plan.decided[entry] == "winograd" and plan.choose(entry, "winograd4") == ("winograd", None)
     assert conv_plan.settled() and conv_plan.summary()["tried"] == 1
-    # what the slower candidates cost beyond the fastest: 0.5 x 3 + 2.5 + 1.5
-    assert conv_plan.summary()["extra_seconds"] == pytest.approx(5.5)
+    # each trial's time beyond the fastest the key had shown before it: gemm 2, direct 1, winograd4 0.5 twice
+    assert conv_plan.summary()["extra_seconds"] == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("rival, expected", [(0.95, "winograd4"), (0.9, "winograd")])
@@ -182,6 +182,31 @@ def test_restore_refuses_what_cannot_run_and_the_checkpoint_wins_over_the_cache(
     assert conv_plan.current().choose(forward_key(), "winograd4") == ("direct", None)
 
 
+def test_the_trials_budget_bounds_what_a_process_spends(monkeypatch, fresh_plan):
+    """Past TRIAL_BUDGET_S of time beyond the fastest, a key in trial is decided on its times so far and a new
+    one takes the rules' choice; neither goes to the cache, and the next process tries them in full."""
+    monkeypatch.setattr(conv_plan, "TRIAL_BUDGET_S", 5.0)
+    plan, first, second, third = conv_plan.current(), forward_key(), forward_key(n=4), forward_key(n=8)
+    plan.choose(first, "winograd4")
+    for algorithm, seconds in (("winograd4", 1.0), ("gemm", 0.5)):
+        chosen, trial = plan.choose(first, "winograd4")
+        assert chosen == algorithm
+        trial.record(seconds)
+    plan.choose(second, "winograd4")
+    plan.choose(second, "winograd4")[1].record(1.0)
+    plan.choose(second, "winograd4")[1].record(7.0)                    # gemm, 6 s over: the budget is gone
+    assert plan.choose(first, "winograd4") == ("gemm", None)          # 0.5 against 1.0: decided on that
+    assert plan.choose(second, "winograd4") == ("winograd4", None)
+    assert plan.choose(third, "winograd4") == ("winograd4", None)      # never tried
+    assert conv_plan.settled() and not os.path.exists(conv_plan.cache_path())
+    saved = conv_plan.state()
+    conv_plan.restore(saved)                                           # a resumed run: the same choices
+    assert conv_plan.current().choose(third, "winograd4") == ("winograd4", None)
+    conv_plan.reset()                                                  # a new run: tries them
+    conv_plan.current().choose(third, "winograd4")
+    assert conv_plan.current().choose(third, "winograd4")[1] is not None
+
+
 def test_more_than_one_rank_on_a_machine_tries_nothing(monkeypatch):
     monkeypatch.setenv("MPI_LOCALNRANKS", "2")
     for _ in range(12):
@@ -195,7 +220,7 @@ def test_rules_and_forced_settings_leave_the_plan_alone():
     for setting in ("rules", "gemm", "winograd"):
         with kernels.conv_algorithm(setting):
             kernels.conv2d_forward(x, kernel, None, SAME_3X3)
-    assert conv_plan.state() == {"decided": {}, "trials": {}}
+    assert conv_plan.state() == {"decided": {}, "trials": {}, "extra_seconds": 0.0}
 
 
 def test_the_bench_warm_up_waits_for_the_plan_to_settle():

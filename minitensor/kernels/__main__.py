@@ -5,7 +5,7 @@ import os
 import sys
 
 from minitensor import backend
-from minitensor.kernels import conv_policy, switches, table
+from minitensor.kernels import conv_plan, conv_policy, switches, table
 
 
 def describe() -> str:
@@ -36,9 +36,13 @@ def describe() -> str:
                        else "the only algorithm with code for this device")
             lines.append(f"    {op:<20} {column:<10} {why}")
     limits = conv_policy.WINOGRAD_MAX_CHANNEL_PRODUCT
-    lines += ["", f"'auto' gives a 3x3 stride-1 product on the CPU to Winograd from {conv_policy.WINOGRAD_MIN_PIXELS} "
-              f"output pixels per batch up, while C*OC <= {limits['forward']} (forward, dx) or "
-              f"<= {limits['kernel_grad']} (dW); every other product to gemm."]
+    lines += ["", f"'rules' gives a 3x3 stride-1 product on the CPU to Winograd F(4x4, 3x3) (forward, dx) from "
+              f"{conv_policy.WINOGRAD4_MIN_PIXELS} output pixels and {conv_policy.WINOGRAD4_MIN_CHANNELS} input "
+              f"channels, to F(2x2, 3x3) from {conv_policy.WINOGRAD_MIN_PIXELS} output pixels per batch up, while "
+              f"C*OC <= {limits['forward']} (forward, dx) or <= {limits['kernel_grad']} (dW); every other product "
+              f"to gemm.",
+              f"'auto' starts from that and keeps what this machine measures faster (kernels/conv_plan.py); "
+              f"its plan file here: {conv_plan.cache_path()}"]
     return "\n".join(lines)
 
 

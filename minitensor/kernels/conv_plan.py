@@ -11,7 +11,9 @@ which is fastest on this machine from the training itself, as cuDNN's benchmark 
   compiled code). When every candidate has one time, the rules' choice and its fastest rival get
   REPEATS times each; then the key is decided (``decide``): the fastest, if its best time beat the
   rules' choice's by MARGIN, else the rules' choice. The trials are real work, so they cost only what the
-  slower candidates take beyond the fastest, for the first few steps of a new shape.
+  slower candidates take beyond the fastest, for the first few steps of a new shape; past
+  TRIAL_BUDGET_S of that in one process, the keys not yet decided are decided on what they have,
+  and left out of the cache for a later run to try in full.
 - **Cache.** Decided keys go to ``conv-plan-<machine>.json`` in ``cache_folder()``
   (``MINITENSOR_CACHE_DIR``, or ``$XDG_CACHE_HOME/minitensor``, or ``~/.cache/minitensor``), one file
   per machine kind: the CPU model, its vector ISA, numba's thread count, the NumPy and numba versions
@@ -47,6 +49,9 @@ from minitensor.kernels import cpu_winograd4
 PLAN_FORMAT = 1
 #: The files whose code the timings measure: a change to any of them starts a new cache file.
 KERNEL_FILES = ("conv_gemm.py", "cpu_conv.py", "cpu_winograd.py", "cpu_winograd4.py", "conv_plan.py")
+#: Seconds a process's trials may cost beyond the fastest candidates; past it, keys are decided on what
+#: they have (a later run on the machine tries the rest).
+TRIAL_BUDGET_S = 10.0
 #: Another algorithm replaces the rules' choice only when its best time is this much faster (1.08: 8%).
 MARGIN = 1.08
 #: Trials of the rules' choice and of its fastest rival before a key is decided.
@@ -164,7 +169,7 @@ class Plan:
         self.served = set()         # the keys this process chose for (what a checkpoint keeps)
         self.restored = set()       # the decided keys a checkpoint gave (kept by the next one too)
         self.tried_here = 0         # keys decided by this process's own trials
-        self.extra_seconds = 0.0    # what the trials' slower candidates took beyond the fastest
+        self.extra_seconds = 0.0    # what trials took beyond each key's fastest so far (TRIAL_BUDGET_S bounds it)
         self._warmed = set()        # (product, algorithm, dtype) that has run once in this process
         self._path = None           # the cache file, once read
         self._writable = True
@@ -223,6 +228,12 @@ class Plan:
             algorithm, trial = self.decided[entry], None
         elif cpu_runtime.local_ranks() > 1:
             algorithm, trial = preferred, None
+        elif self.extra_seconds >= TRIAL_BUDGET_S:
+            # This process has spent its budget: the key is decided on what it has (not cached, so a later
+            # run tries it in full).
+            times = self.trials.pop(entry, {})
+            algorithm = decide(times, preferred) if times.get(preferred) else preferred
+            self.decided[entry], trial = algorithm, None
         elif entry not in self.trials:
             # A key's first call is untimed: in a run's first step every array it writes is fresh memory
             # that the system zeroes on first touch, which would count against the first candidate only.
@@ -237,11 +248,11 @@ class Plan:
     def record(self, entry, preferred, algorithm, seconds):
         """One trial's time; decides ``entry`` once its trials are complete."""
         times = self.trials[entry]
+        best = min((min(v) for v in times.values()), default=seconds)
+        self.extra_seconds += max(0.0, seconds - best)        # beyond the fastest this key has shown so far
         times.setdefault(algorithm, []).append(float(seconds))
         if _next_trial(times, candidates(entry, preferred)) is None:
             self.decided[entry] = decide(times, preferred)
-            fastest = min(min(seconds) for seconds in times.values())
-            self.extra_seconds += sum(s - fastest for seconds in times.values() for s in seconds)
             self.tried_here += 1
             del self.trials[entry]
             self._save(entry)
@@ -283,7 +294,8 @@ def state():
     served or was given: what a checkpoint keeps."""
     keep = _plan.served | _plan.restored
     return {"decided": {k: v for k, v in sorted(_plan.decided.items()) if k in keep},
-            "trials": {k: {a: list(s) for a, s in v.items()} for k, v in sorted(_plan.trials.items())}}
+            "trials": {k: {a: list(s) for a, s in v.items()} for k, v in sorted(_plan.trials.items())},
+            "extra_seconds": _plan.extra_seconds}
 
 
 def restore(saved):
@@ -298,6 +310,7 @@ def restore(saved):
     _plan.decided.update({k: v for k, v in decided.items() if k not in refused})
     _plan.trials.update({k: {a: [float(s) for s in v[a]] for a in v} for k, v in trials.items() if k not in refused})
     _plan.restored = set(_plan.decided)
+    _plan.extra_seconds = float(saved.get("extra_seconds") or 0.0)
     return refused
 
 
