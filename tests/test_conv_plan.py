@@ -184,7 +184,8 @@ def test_restore_refuses_what_cannot_run_and_the_checkpoint_wins_over_the_cache(
 
 def test_the_trials_budget_bounds_what_a_process_spends(monkeypatch, fresh_plan):
     """Past TRIAL_BUDGET_S of time beyond the fastest, a key in trial is decided on its times so far and a new
-    one takes the rules' choice; neither goes to the cache, and the next process tries them in full."""
+    one takes the rules' choice, for the rest of the process; the trials so far go to the cache, and the next
+    process goes on with them."""
     monkeypatch.setattr(conv_plan, "TRIAL_BUDGET_S", 5.0)
     plan, first, second, third = conv_plan.current(), forward_key(), forward_key(n=4), forward_key(n=8)
     plan.choose(first, "winograd4")
@@ -198,13 +199,20 @@ def test_the_trials_budget_bounds_what_a_process_spends(monkeypatch, fresh_plan)
     assert plan.choose(first, "winograd4") == ("gemm", None)          # 0.5 against 1.0: decided on that
     assert plan.choose(second, "winograd4") == ("winograd4", None)
     assert plan.choose(third, "winograd4") == ("winograd4", None)      # never tried
-    assert conv_plan.settled() and not os.path.exists(conv_plan.cache_path())
+    assert conv_plan.settled()
+    with open(conv_plan.cache_path()) as file:
+        assert json.load(file)["entries"] == {first: {"trials": {"winograd4": [1.0], "gemm": [0.5]}},
+                                             second: {"trials": {"winograd4": [1.0], "gemm": [7.0]}}}
     saved = conv_plan.state()
     conv_plan.restore(saved)                                           # a resumed run: the same choices
+    assert conv_plan.current().choose(first, "winograd4") == ("gemm", None)
     assert conv_plan.current().choose(third, "winograd4") == ("winograd4", None)
-    conv_plan.reset()                                                  # a new run: tries them
-    conv_plan.current().choose(third, "winograd4")
-    assert conv_plan.current().choose(third, "winograd4")[1] is not None
+    conv_plan.reset()                                                  # a new run goes on with the trials
+    next_plan = conv_plan.current()
+    assert next_plan.choose(first, "winograd4") == ("winograd4", None)          # its first call: untimed
+    assert next_plan.choose(first, "winograd4")[0] == "direct"                  # then what was not tried
+    next_plan.choose(third, "winograd4")
+    assert next_plan.choose(third, "winograd4")[0] == "winograd4"
 
 
 def test_more_than_one_rank_on_a_machine_tries_nothing(monkeypatch):

@@ -12,8 +12,9 @@ which is fastest on this machine from the training itself, as cuDNN's benchmark 
   REPEATS times each; then the key is decided (``decide``): the fastest, if its best time beat the
   rules' choice's by MARGIN, else the rules' choice. The trials are real work, so they cost only what the
   slower candidates take beyond the fastest, for the first few steps of a new shape; past
-  TRIAL_BUDGET_S of that in one process, the keys not yet decided are decided on what they have,
-  and left out of the cache for a later run to try in full.
+  TRIAL_BUDGET_S of that in one process, the keys not yet decided are decided on what they have
+  for the rest of the process, and their trials so far go to the cache for the next run to go on
+  with (unet's 53 products took four runs of the original U-Net on a 2-core VM).
 - **Cache.** Decided keys go to ``conv-plan-<machine>.json`` in ``cache_folder()``
   (``MINITENSOR_CACHE_DIR``, or ``$XDG_CACHE_HOME/minitensor``, or ``~/.cache/minitensor``), one file
   per machine kind: the CPU model, its vector ISA, numba's thread count, the NumPy and numba versions
@@ -154,10 +155,20 @@ def _umask():
     return mask
 
 
+def _usable(entry, value):
+    """A cache entry: an algorithm that can run the key, or {"trials": {algorithm: [seconds, ...]}} so far."""
+    if isinstance(value, dict):
+        trials = value.get("trials")
+        return isinstance(trials, dict) and all(valid(entry, a) and isinstance(t, list) and t and
+                                                all(isinstance(x, (int, float)) for x in t)
+                                                for a, t in trials.items())
+    return valid(entry, value)
+
+
 def _read_entries(path):
     with open(path) as file:
         entries = json.load(file)["entries"]
-    return {k: v for k, v in entries.items() if valid(k, v)}
+    return {k: v for k, v in entries.items() if _usable(k, v)}
 
 
 class Plan:
@@ -172,6 +183,8 @@ class Plan:
         self.extra_seconds = 0.0    # what trials took beyond each key's fastest so far (TRIAL_BUDGET_S bounds it)
         self._warmed = set()        # (product, algorithm, dtype) that has run once in this process
         self._path = None           # the cache file, once read
+        self._spent_out = False     # the trials budget is spent (and the trials so far saved)
+        self._cached_trials = {}    # trials an earlier run left in the cache, taken up at a key's first call
         self._writable = True
 
     def _load(self):
@@ -179,15 +192,19 @@ class Plan:
             return
         self._path = cache_path()
         try:
-            for entry, algorithm in _read_entries(self._path).items():
-                self.decided.setdefault(entry, algorithm)
+            for entry, value in _read_entries(self._path).items():
+                if isinstance(value, dict):            # a run that spent its budget left these trials
+                    self._cached_trials[entry] = {a: list(t) for a, t in value["trials"].items()}
+                else:
+                    self.decided.setdefault(entry, value)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             warnings.warn(f"the convolution plan cache {self._path} is unreadable ({error}); it is measured "
                           f"again and rewritten", PlanWarning, stacklevel=4)
 
-    def _save(self, entry):
+    def _save(self, updates):
+        """Merge ``updates`` ({key: algorithm or {"trials": ...}}) into the cache file."""
         if not self._writable:
             return
         folder = os.path.dirname(self._path)
@@ -197,7 +214,9 @@ class Plan:
                 entries = _read_entries(self._path)
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 entries = {}
-            entries[entry] = self.decided[entry]
+            for entry, value in updates.items():
+                if isinstance(value, str) or not isinstance(entries.get(entry), str):
+                    entries[entry] = value     # never a decision overwritten by trials
             handle, temporary = tempfile.mkstemp(dir=folder, prefix=".conv-plan-", suffix=".tmp")
             try:
                 os.chmod(temporary, 0o666 & ~_umask())       # mkstemp's 0600 is for secrets, not a cache
@@ -231,13 +250,14 @@ class Plan:
         elif self.extra_seconds >= TRIAL_BUDGET_S:
             # This process has spent its budget: the key is decided on what it has (not cached, so a later
             # run tries it in full).
+            self._spend_out()
             times = self.trials.pop(entry, {})
             algorithm = decide(times, preferred) if times.get(preferred) else preferred
             self.decided[entry], trial = algorithm, None
         elif entry not in self.trials:
             # A key's first call is untimed: in a run's first step every array it writes is fresh memory
             # that the system zeroes on first touch, which would count against the first candidate only.
-            self.trials[entry] = {}
+            self.trials[entry] = self._cached_trials.pop(entry, {})
             algorithm, trial = preferred, None
         else:
             algorithm = _next_trial(self.trials[entry], candidates(entry, preferred))
@@ -255,7 +275,13 @@ class Plan:
             self.decided[entry] = decide(times, preferred)
             self.tried_here += 1
             del self.trials[entry]
-            self._save(entry)
+            self._save({entry: self.decided[entry]})
+
+    def _spend_out(self):
+        """Once, when the budget is spent: the trials so far go to the cache, for a later run to go on with."""
+        if not self._spent_out:
+            self._spent_out = True
+            self._save({entry: {"trials": times} for entry, times in self.trials.items() if times})
 
 
 class Trial:
