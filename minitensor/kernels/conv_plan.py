@@ -4,23 +4,23 @@ On the CPU a stride-1 convolution product (the forward, dx or dW of one layer sh
 dtype: its ``key``) can run by two to four algorithms (``candidates``). Under 'auto' the plan learns
 which is fastest on this machine from the training itself, as cuDNN's benchmark mode does on a GPU:
 
-- **Trials.** A new key's first call runs the rules' choice (kernels/conv_policy.py), untimed; its
-  next calls run its candidates in a fixed order, the rules' choice first, one per call, and
-  kernels/conv.py times each of those real calls
-  (a process's first call of an algorithm runs twice, timed the second time: the first loads the
-  compiled code). When every candidate has one time, the rules' choice and its fastest rival get
-  REPEATS times each; then the key is decided (``decide``): the fastest, if its best time beat the
-  rules' choice's by MARGIN, else the rules' choice. The trials are real work, so they cost only what the
-  slower candidates take beyond the fastest, for the first few steps of a new shape; past
-  TRIAL_BUDGET_S of that in one process, the keys not yet decided are decided on what they have
-  for the rest of the process, and their trials so far go to the cache for the next run to go on
-  with (unet's 53 products took four runs of the original U-Net on a 2-core VM).
-- **Cache.** Decided keys go to ``conv-plan-<machine>.json`` in ``cache_folder()``
-  (``MINITENSOR_CACHE_DIR``, or ``$XDG_CACHE_HOME/minitensor``, or ``~/.cache/minitensor``), one file
-  per machine kind: the CPU model, its vector ISA, numba's thread count, the NumPy and numba versions
-  and the convolution kernels' own code (``machine()``). A later run on the same kind of machine tries
-  nothing; a changed kernel or thread count starts a new file. Written atomically; an unreadable
-  file is warned about and rewritten, an unwritable folder costs only the re-measuring.
+- **Trials.** A new key's first call runs the rules' choice (kernels/conv_policy.py), untimed;
+  its next calls run its candidates in a fixed order, the rules' choice first, one per call, and
+  kernels/conv.py times each of those real calls (a process's first call of an algorithm runs
+  twice, timed the second time: the first loads the compiled code). When every candidate has one
+  time, the rules' choice and its fastest rival get REPEATS times each; then the key is decided
+  (``decide``): the fastest, if its best time beat the rules' choice's by MARGIN, else the rules'
+  choice. The trials are real work, so they cost only what the slower candidates take beyond the
+  fastest, in the first steps of a new shape. Past TRIAL_BUDGET_S of that in one process, the keys
+  not yet decided are decided on what they have for the rest of the process, and their trials so
+  far go to the cache for the next run to go on with.
+- **Cache.** Decided keys (and a spent budget's trials) go to ``conv-plan-<machine>.json`` in
+  ``cache_folder()`` (``MINITENSOR_CACHE_DIR``, or ``$XDG_CACHE_HOME/minitensor``, or
+  ``~/.cache/minitensor``), one file per machine kind: the CPU model, its vector ISA, numba's thread
+  count, the NumPy and numba versions and the convolution kernels' own code (``machine()``; this
+  file is one of them). A later run on the same kind of machine tries nothing; a changed kernel or
+  thread count starts a new file. Written atomically; an unreadable file is warned about and
+  rewritten, an unwritable folder costs only the re-measuring.
 - **Checkpoint.** ``state()`` is every key this process served, decided or still in its trials, and
   ``restore()`` puts it back: a resumed run makes the same choices, and a key still in its trials
   goes on with the same next candidate, so a resumed run rounds exactly as the run it continues did
