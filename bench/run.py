@@ -184,7 +184,8 @@ def format_results(report):
     if report.get("environment"):
         lines.append("env:      " + " ".join(f"{k}={v}" for k, v in sorted(report["environment"].items())))
     lines.append(f"step = forward + BCE(logits) + backward + Adam, float32; median of {report['steps']} timed steps "
-                 f"after {report['warmup']} warm-up steps" + (", TF32 allowed" if report["tf32"] else ""))
+                 f"after {report['warmup']} warm-up steps (minitensor's, on the CPU, go on until its measured "
+                 f"convolution plan has settled)" + (", TF32 allowed" if report["tf32"] else ""))
     if report["steps"] < 10:
         lines.append("NOTE: fewer than 10 timed steps: a smoke run, not a measurement.")
     lines.append("")
