@@ -1,4 +1,5 @@
-"""Each CPU convolution algorithm on the U-Nets' layer shapes: the measurements behind 'auto'.
+"""Each CPU convolution algorithm on the U-Nets' layer shapes: the measurements behind the rules ('rules', and
+where 'auto' starts).
 
     python -m bench.conv_shapes                 # small_unet's shapes (batch 16)
     python -m bench.conv_shapes --original      # unet's deep shapes (batch 1)

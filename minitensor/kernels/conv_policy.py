@@ -22,10 +22,11 @@ machine's timings:
 - 'rules' (``rules``): for the forward and dx, ``winograd4`` where ``prefers_winograd4`` says it
   measured faster; then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere. Fixed
   thresholds, read off one machine kind (a 2-core AMD EPYC), the same answer everywhere;
-- 'auto' (the default): what this machine measured. The first time a process meets a product of a
-  new shape, every algorithm that can run it is timed and the fastest kept (kernels/conv_plan.py:
-  once per shape and machine kind, cached on disk, pinned in a training checkpoint); the rules'
-  answer stands unless another algorithm is clearly faster, and wherever nothing is measured.
+- 'auto' (the default): what this machine measured. A product of a new shape runs every algorithm
+  that can run it in turn in its first calls, each timed, and then keeps the fastest
+  (kernels/conv_plan.py: once per shape and machine kind, cached on disk, kept in a training
+  checkpoint); the rules' answer stands unless another algorithm is clearly faster, and wherever
+  nothing is measured (more than one MPI rank per machine).
 
 The input gradient of a stride-1 convolution is itself a convolution (of dZ, with the flipped
 kernel, whose output is x's N x H x W pixels), so it is judged as a forward of that size.
@@ -37,11 +38,11 @@ import numpy as np
 
 from minitensor.kernels import conv_plan, cpu_winograd4, switches
 
-#: Where 'auto' uses Winograd (see prefers_winograd).
+#: Where the rules use Winograd (see prefers_winograd).
 WINOGRAD_MIN_PIXELS = 8192
 WINOGRAD_MAX_CHANNEL_PRODUCT = {"forward": 512 * 512, "kernel_grad": 512 * 256}
 
-#: Where 'auto' uses Winograd F(4x4, 3x3) for the forward and dx (see prefers_winograd4).
+#: Where the rules use Winograd F(4x4, 3x3) for the forward and dx (see prefers_winograd4).
 WINOGRAD4_MIN_PIXELS = 2048
 WINOGRAD4_MIN_CHANNELS = 16
 
@@ -50,7 +51,7 @@ PRODUCTS = ("forward", "input_grad", "kernel_grad")
 
 
 def prefers_winograd(pixels, in_channels, out_channels, product="forward"):
-    """Whether 'auto' gives one product of a 3x3 stride-1 layer to Winograd F(2x2, 3x3).
+    """Whether the rules give one product of a 3x3 stride-1 layer to Winograd F(2x2, 3x3).
 
     ``pixels`` is the product's output pixels over the whole batch; ``product`` is "forward"
     (also used for dx, the same convolution with the channels swapped) or "kernel_grad" (dW).
@@ -64,7 +65,7 @@ def prefers_winograd(pixels, in_channels, out_channels, product="forward"):
 
 
 def prefers_winograd4(pixels, in_channels, out_channels):
-    """Whether 'auto' gives the forward (or dx, judged as the forward with the channels swapped) of a 3x3
+    """Whether the rules give the forward (or dx, judged as the forward with the channels swapped) of a 3x3
     stride-1 layer to Winograd F(4x4, 3x3).
 
     Read off ``python -m bench.conv_shapes`` (docs/benchmarks.md, "Choosing the algorithm"): its BLAS
