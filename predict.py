@@ -27,7 +27,11 @@ import argparse
 import os
 import sys
 
-import minitensor  # first, before NumPy (cv2 loads it): minitensor/cpu_runtime.py sets what OpenBLAS reads then
+try:
+    import minitensor  # first, before NumPy (cv2 loads it): minitensor/cpu_runtime.py sets what OpenBLAS reads then
+except ValueError as error:     # a misspelt MINITENSOR_KERNELS or MINITENSOR_CONV: the message says the fix
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 import cv2 as cv
 import numpy as np
 from minitensor import backend

@@ -43,7 +43,11 @@ import signal
 import sys
 import traceback
 
-import minitensor  # before NumPy: minitensor/cpu_runtime.py sets what OpenBLAS reads at load
+try:
+    import minitensor  # before NumPy: minitensor/cpu_runtime.py sets what OpenBLAS reads at load
+except ValueError as error:     # a misspelt MINITENSOR_KERNELS or MINITENSOR_CONV: the message says the fix
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 import numpy as np
 from minitensor import backend, losses
 from minitensor.data_parallel import WeightsDifferError

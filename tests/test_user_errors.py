@@ -255,3 +255,14 @@ def test_save_to_a_folder_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(ModelFileError, match=f"{tmp_path}: is a folder; give a file path such as "):
         model.save(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py"])
+@pytest.mark.parametrize("variable, value, message", [
+    ("MINITENSOR_CONV", "fastest", "MINITENSOR_CONV='fastest': expected one of auto, rules, winograd4"),
+    ("MINITENSOR_KERNELS", "refrence", "MINITENSOR_KERNELS='refrence': expected 'reference'"),
+])
+def test_a_misspelt_setting_in_the_environment_is_a_message_with_status_2(script, variable, value, message):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, variable: value}, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
