@@ -65,9 +65,10 @@ MAX_PLAN_WARMUP = 30
 def time_steps(step, sync, warmup, steps, log, settled=lambda: True):
     """Run ``warmup`` + ``steps`` calls of ``step``; return (per-step seconds, loss values, warm-up steps run).
 
-    A warm-up of one step or more goes on, up to MAX_PLAN_WARMUP steps more, until ``settled()``: minitensor's 'auto' tries
-    each new convolution shape's algorithms in its first steps (kernels/conv_plan.py), as cuDNN's
-    benchmark mode and TF's autotuning do in theirs, and those trials are warm-up, not the step."""
+    A warm-up of one step or more goes on, up to MAX_PLAN_WARMUP steps more, until ``settled()``:
+    minitensor's 'auto' tries each new convolution shape's algorithms in its first steps
+    (kernels/conv_plan.py), as cuDNN's benchmark mode and TF's autotuning do in theirs, and those
+    trials are warm-up, not the step."""
     losses = []
     i = 0
     while i < warmup or (warmup and not settled() and i < warmup + MAX_PLAN_WARMUP):

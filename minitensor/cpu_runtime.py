@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import re
 import sys
 import warnings
 
@@ -78,8 +80,6 @@ def vector_isa(flags, machine=""):
 
 def cpu_identity():
     """{"cpu_model", "cpu_family_model", "vector_isa"} of this machine, from /proc/cpuinfo where there is one."""
-    import platform
-    import re
     try:
         with open("/proc/cpuinfo") as file:
             cpuinfo = file.read()

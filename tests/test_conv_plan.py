@@ -300,7 +300,7 @@ def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_says(tmp
 
     conv_plan.reset()
     assert run("straight") == 0
-    assert conv_plan.summary()["tried"] == 0 and set(conv_plan.current().chosen_algorithms().values()) == {"direct"}
+    assert conv_plan.summary()["tried"] == 0 and set(conv_plan.state()["decided"].values()) == {"direct"}
 
     conv_plan.reset()
     batches = [0]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 import warnings
 
 import numba
@@ -143,16 +143,11 @@ def cache_folder():
     return os.path.join(base, "minitensor")
 
 
-def cache_path():
-    """This machine kind's plan file."""
-    name = hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:12]
+def cache_path(identity=None):
+    """This machine kind's plan file (``identity``: ``machine()``, if the caller has it already)."""
+    identity = machine() if identity is None else identity
+    name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(cache_folder(), f"conv-plan-{name}.json")
-
-
-def _umask():
-    mask = os.umask(0o022)         # os has no plain getter: set, read, put back
-    os.umask(mask)
-    return mask
 
 
 def _usable(entry, value):
@@ -182,6 +177,7 @@ class Plan:
         self.tried_here = 0         # keys decided by this process's own trials
         self.extra_seconds = 0.0    # what trials took beyond each key's fastest so far (TRIAL_BUDGET_S bounds it)
         self._warmed = set()        # (product, algorithm, dtype) that has run once in this process
+        self._machine = None        # machine(), read once (it hashes the kernels' files)
         self._path = None           # the cache file, once read
         self._spent_out = False     # the trials budget is spent (and the trials so far saved)
         self._cached_trials = {}    # trials an earlier run left in the cache, taken up at a key's first call
@@ -190,7 +186,8 @@ class Plan:
     def _load(self):
         if self._path is not None:
             return
-        self._path = cache_path()
+        self._machine = machine()
+        self._path = cache_path(self._machine)
         try:
             for entry, value in _read_entries(self._path).items():
                 if isinstance(value, dict):            # a run that spent its budget left these trials
@@ -217,24 +214,21 @@ class Plan:
             for entry, value in updates.items():
                 if isinstance(value, str) or not isinstance(entries.get(entry), str):
                     entries[entry] = value     # never a decision overwritten by trials
-            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".conv-plan-", suffix=".tmp")
+            # A name no other process uses; open() gives it the umask's permissions (mkstemp's 0600 is for secrets).
+            temporary = os.path.join(folder, f".conv-plan-{os.getpid()}-{uuid.uuid4().hex}.tmp")
             try:
-                os.chmod(temporary, 0o666 & ~_umask())       # mkstemp's 0600 is for secrets, not a cache
-                with os.fdopen(handle, "w") as file:
-                    json.dump({"machine": machine(), "entries": dict(sorted(entries.items()))}, file, indent=1)
+                with open(temporary, "x") as file:
+                    json.dump({"machine": self._machine, "entries": dict(sorted(entries.items()))}, file, indent=1)
                 os.replace(temporary, self._path)      # readers see the old file or the new one, never half
             except BaseException:
-                os.unlink(temporary)
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
                 raise
         except OSError as error:
             self._writable = False
             warnings.warn(f"cannot write the convolution plan cache in {folder} ({error}); each run measures "
                           f"its convolutions again (set MINITENSOR_CACHE_DIR to a writable folder)",
                           PlanWarning, stacklevel=4)
-
-    def chosen_algorithms(self):
-        """{key: algorithm} of the decided keys this process served."""
-        return {entry: algorithm for entry, algorithm in self.decided.items() if entry in self.served}
 
     def choose(self, entry, preferred):
         """(algorithm, trial) for the next call of ``entry``: ``trial`` is None, or the Trial whose ``record``
@@ -248,8 +242,8 @@ class Plan:
         elif cpu_runtime.local_ranks() > 1:
             algorithm, trial = preferred, None
         elif self.extra_seconds >= TRIAL_BUDGET_S:
-            # This process has spent its budget: the key is decided on what it has (not cached, so a later
-            # run tries it in full).
+            # This process has spent its budget: the key is decided on what it has, for this process only
+            # (its trials so far go to the cache, and a later run goes on with them).
             self._spend_out()
             times = self.trials.pop(entry, {})
             algorithm = decide(times, preferred) if times.get(preferred) else preferred
@@ -316,8 +310,8 @@ def settled():
 
 
 def state():
-    """{"decided": {key: algorithm}, "trials": {key: {algorithm: [seconds]}}} of every key this process
-    served or was given: what a checkpoint keeps."""
+    """{"decided": {key: algorithm}, "trials": {key: {algorithm: [seconds]}}, "extra_seconds": the budget spent}
+    of every key this process served or was given: what a checkpoint keeps."""
     keep = _plan.served | _plan.restored
     return {"decided": {k: v for k, v in sorted(_plan.decided.items()) if k in keep},
             "trials": {k: {a: list(s) for a, s in v.items()} for k, v in sorted(_plan.trials.items())},
@@ -341,7 +335,7 @@ def restore(saved):
 
 
 def summary():
-    """{"tried": keys decided by trials here, "extra_seconds": what those trials cost, "in_trial": keys still
-    in trial, "cache": the file} for this process."""
+    """{"tried": keys decided by trials here, "extra_seconds": what trials cost beyond the fastest candidates
+    (this run's, and those of the run it resumes), "in_trial": keys still in trial, "cache": the file}."""
     return {"tried": _plan.tried_here, "extra_seconds": round(_plan.extra_seconds, 3), "in_trial": len(_plan.trials),
             "cache": _plan._path or cache_path()}
