@@ -38,10 +38,12 @@ def test_keys_name_the_product_its_shapes_and_dtype():
 def test_the_candidates_are_what_can_run_the_product():
     assert conv_plan.candidates(forward_key(), "winograd4") == ["winograd4", "gemm", "direct", "winograd"]
     dw = conv_plan.key("kernel_grad", SAME_3X3, (2, 16, 16, 8), 8, "float32")
-    assert conv_plan.candidates(dw, "gemm") == ["gemm", "direct", "winograd"]           # no F(4x4, 3x3) dW
+    assert conv_plan.candidates(dw, "gemm") == ["gemm", "direct", "winograd", "winograd4"]
+    wide = conv_plan.key("kernel_grad", SAME_3X3, (2, 16, 16, 1024), 1024, "float32")     # dU sums of 151 MiB
+    assert conv_plan.candidates(wide, "gemm") == ["gemm", "direct", "winograd"]
     five = conv_plan.key("forward", ConvGeometry(5, 5, 1, 1, 2, 2, 16, 16), (2, 16, 16, 8), 8, "float32")
     assert conv_plan.candidates(five, "gemm") == ["gemm", "direct"]
-    assert not conv_plan.valid(five, "winograd") and not conv_plan.valid(dw, "winograd4")
+    assert not conv_plan.valid(five, "winograd") and not conv_plan.valid(wide, "winograd4")
     assert not conv_plan.valid("nonsense", "gemm") and not conv_plan.valid(forward_key(), "fastest")
     with pytest.raises(ValueError, match="cannot run"):
         conv_plan.candidates(five, "winograd")
@@ -175,10 +177,10 @@ def test_state_and_restore_carry_decisions_and_trials_in_progress():
 
 
 def test_restore_refuses_what_cannot_run_and_the_checkpoint_wins_over_the_cache():
-    dw = conv_plan.key("kernel_grad", SAME_3X3, (2, 16, 16, 8), 8, "float32")
+    wide = conv_plan.key("kernel_grad", SAME_3X3, (2, 16, 16, 1024), 1024, "float32")   # too wide for winograd4
     _decide(forward_key(), "winograd4")                                # the cache now has this key
-    refused = conv_plan.restore({"decided": {dw: "winograd4", forward_key(): "direct"}, "trials": {}})
-    assert refused == [dw]
+    refused = conv_plan.restore({"decided": {wide: "winograd4", forward_key(): "direct"}, "trials": {}})
+    assert refused == [wide]
     assert conv_plan.current().choose(forward_key(), "winograd4") == ("direct", None)
 
 

@@ -74,13 +74,15 @@ def key(product, geometry, x_shape, out_channels, dtype):
 def candidates(entry_key, preferred):
     """The CPU algorithms that can run the product ``entry_key`` names, ``preferred`` first, then the
     others in a fixed order (gemm, direct, winograd, winograd4)."""
-    product, _dtype, _x, _oc, kernel, stride = entry_key.split()[:6]
+    product, _dtype, x_shape, out_channels, kernel, stride = entry_key.split()[:6]
     names = ["gemm"]
     if stride == "s1x1" and kernel != "k1x1":
         names.append("direct")
         if kernel == "k3x3":
             names.append("winograd")
-            if product != "kernel_grad" and (cpu_winograd4.runs_in_parallel() or numba.get_num_threads() == 1):
+            channel_product = int(x_shape.split("x")[3]) * int(out_channels[2:])
+            if ((cpu_winograd4.runs_in_parallel() or numba.get_num_threads() == 1)
+                    and (product != "kernel_grad" or channel_product <= cpu_winograd4.KERNEL_GRAD_MAX_CHANNEL_PRODUCT)):
                 names.append("winograd4")
     if preferred not in names:
         raise ValueError(f"{preferred!r} cannot run {entry_key!r}; its candidates are {', '.join(names)}")

@@ -6,7 +6,7 @@ Each can run as
 - ``gemm``: im2col + one BLAS / cuBLAS product (kernels/conv_gemm.py), any kernel and stride;
 - ``winograd``: Winograd F(2x2, 3x3) on the CPU (kernels/cpu_winograd.py), 3x3 stride 1 only;
 - ``winograd4``: Winograd F(4x4, 3x3) on the CPU (kernels/cpu_winograd4.py), its products by BLAS,
-  3x3 stride 1, the forward and the input gradient only (its kernel gradient would be F(2x2, 3x3));
+  3x3 stride 1;
 - ``direct``: the register-blocked direct convolution on the CPU (kernels/cpu_conv.py), stride 1;
 - ``reference``: im2col -> GEMM -> col2im in plain array code (kernels/reference.py), learning mode.
 
@@ -18,9 +18,10 @@ machine's timings:
   is already a matrix product; the GPU is fastest with one large cuBLAS product per layer);
 - the setting 'direct': ``direct`` for every other stride-1 layer;
 - kernels other than 3x3: ``gemm``;
-- the settings 'winograd' and 'winograd4': that one (dW takes ``winograd`` under 'winograd4');
+- the settings 'winograd' and 'winograd4': that one;
 - 'rules' (``rules``): for the forward and dx, ``winograd4`` where ``prefers_winograd4`` says it
-  measured faster; then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere. Fixed
+  measured faster (dW never: its F(4x4, 3x3) came after the rules were read, and only the plan below
+  gives it dW); then ``winograd`` where ``prefers_winograd`` does; ``gemm`` elsewhere. Fixed
   thresholds, read off one machine kind (a 2-core AMD EPYC), the same answer everywhere;
 - 'auto' (the default): what this machine measured. A product of a new shape runs every algorithm
   that can run it in turn in its first calls, each timed, and then keeps the fastest
@@ -93,7 +94,7 @@ def rules(product, geometry, x_shape, out_channels, setting="rules"):
     else:
         pixels, measured_as = n_images * geometry.out_h * geometry.out_w, product
     if setting == "winograd4":
-        return "winograd" if product == "kernel_grad" else "winograd4"
+        return "winograd4"
     if setting == "winograd":
         return "winograd"
     if product != "kernel_grad" and prefers_winograd4(pixels, in_channels, out_channels):

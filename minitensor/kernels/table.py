@@ -66,7 +66,6 @@ class Chosen:
 
 _NUMBA_CONV = Chosen({"winograd4": Own(cpu_winograd4), "winograd": Own(cpu_winograd), "direct": Own(cpu_conv),
                       "gemm": Own(conv_gemm)})
-_NUMBA_KERNEL_GRAD = Chosen({"winograd": Own(cpu_winograd), "direct": Own(cpu_conv), "gemm": Own(conv_gemm)})
 _CUDA_CONV = Chosen({"gemm": Own(conv_gemm)})
 
 
@@ -81,7 +80,7 @@ TABLE = {
     "conv2d_input_grad": {"naive": Own(naive, "conv2d_backward"), "reference": Own(reference),
                           "numba": _NUMBA_CONV, "cuda": _CUDA_CONV},
     "conv2d_kernel_grad": {"naive": Own(naive, "conv2d_backward"), "reference": Own(reference),
-                           "numba": _NUMBA_KERNEL_GRAD, "cuda": _CUDA_CONV},
+                           "numba": _NUMBA_CONV, "cuda": _CUDA_CONV},
     "maxpool_forward": _everywhere(),
     "maxpool_backward": _everywhere(),
     "upsample_forward": _everywhere(),
