@@ -39,7 +39,7 @@ ENGINE_MODULES = {"minitensor": ("numpy", "numba"), "torch": ("torch",), "tensor
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
                     "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "TF_ENABLE_ONEDNN_OPTS",
                     "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "CUPY_TF32", "MINITENSOR_KERNELS",
-                    "MINITENSOR_CONV", "CUDA_VISIBLE_DEVICES")
+                    "MINITENSOR_CONV", "CUDA_VISIBLE_DEVICES", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 PACKAGES = {   # what to report, and the distribution names each may be installed under
     "numpy": ("numpy",), "numba": ("numba",), "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy"),
     "torch": ("torch",), "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-gpu"), "keras": ("keras",),

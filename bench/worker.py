@@ -121,7 +121,9 @@ def setup_minitensor(workload, args, x, y, info):
     if device == "cpu":
         settings = ", ".join(f"{name}={entry['value']}{'' if entry['in_effect'] else ' (not in effect)'}"
                              for name, entry in minitensor.cpu_runtime.status().items())
-        info["notes"].append(f"conv algorithm {minitensor.kernels.get_conv_algorithm()}; {settings}")
+        info["notes"].append(f"conv algorithm {minitensor.kernels.get_conv_algorithm()}; {settings}; OpenBLAS "
+                             f"kernels {minitensor.cpu_runtime.blas_core() or '-'} (OPENBLAS_CORETYPE "
+                             f"{os.environ.get('OPENBLAS_CORETYPE') or 'unset'})")
     minitensor.set_seed(0)
     build = unet.small_unet if workload.model == "small_unet" else unet.unet
     model = build(input_shape=workload.input_shape, num_classes=workload.num_classes)

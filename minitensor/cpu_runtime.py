@@ -115,9 +115,9 @@ _NO_LOCAL_BLAS_THREADS = object()
 _local_blas_threads = None
 
 
-def _find_local_blas_threads():
-    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27 on: the BLAS threads of the calling thread only)
-    in a library this process has loaded (NumPy's wheels bundle one), or None (another BLAS, another OS)."""
+def _openblas_function(names):
+    """The first of ``names`` found in an OpenBLAS this process has loaded (NumPy's wheels bundle one), or None
+    (another BLAS, another OS)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
@@ -125,12 +125,37 @@ def _find_local_blas_threads():
         return None
     for path in sorted(paths):
         try:
-            function = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
+            library = ctypes.CDLL(path)
+        except OSError:
             continue
-        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-        return function
+        for name in names:
+            if hasattr(library, name):
+                return getattr(library, name)
     return None
+
+
+def _find_local_blas_threads():
+    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27 on: the BLAS threads of the calling thread only)."""
+    function = _openblas_function(["openblas_set_num_threads_local"])
+    if function is not None:
+        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+    return function
+
+
+def blas_core():
+    """The kernels NumPy's OpenBLAS runs on this CPU ('SkylakeX', 'Haswell', ...; None for another BLAS).
+
+    OpenBLAS picks them at load time from the CPU, unless OPENBLAS_CORETYPE names others: some machines set
+    it to 'Haswell' for older OpenBLAS builds, which halves the float32 GEMM speed of an AVX-512 CPU (2048^3:
+    239 against 452 GFLOP/s on a 2-core Zen 5). The measured plan keeps its timings apart per core, and the
+    bench prints it."""
+    import numpy  # noqa: F401  (loads OpenBLAS, after apply_before_numpy has set its variables)
+    function = _openblas_function(["openblas_get_corename", "scipy_openblas_get_corename64_",
+                                   "scipy_openblas_get_corename"])
+    if function is None:
+        return None
+    function.argtypes, function.restype = [], ctypes.c_char_p
+    return function().decode(errors="replace").strip()
 
 
 def _local_blas_threads_function():

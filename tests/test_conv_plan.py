@@ -140,6 +140,29 @@ def test_another_machine_kind_has_another_file(monkeypatch):
     assert conv_plan.cache_path() != mine
 
 
+def test_other_blas_kernels_have_another_file(monkeypatch):
+    """OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU halves GEMM's speed: its timings are not the default's. The
+    core OpenBLAS reports follows the variable (read in a new process: OpenBLAS reads it when it loads)."""
+    import subprocess
+    import sys
+
+    from minitensor import cpu_runtime
+
+    core = cpu_runtime.blas_core()
+    if core is None:
+        pytest.skip("NumPy's BLAS here is not OpenBLAS")
+    mine = conv_plan.cache_path()
+    monkeypatch.setattr(conv_plan.cpu_runtime, "blas_core", lambda: "Sandybridge" if core != "Sandybridge" else "Haswell")
+    assert conv_plan.cache_path() != mine
+    import platform
+    if platform.machine() != "x86_64":
+        return                                   # OPENBLAS_CORETYPE's names here are x86's
+    probe = "import minitensor.cpu_runtime as c; print(c.blas_core())"
+    forced = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"})
+    assert forced.stdout.strip() == "Sandybridge", forced.stderr
+
+
 def test_an_unreadable_cache_is_warned_about_and_rewritten(fresh_plan):
     os.makedirs(fresh_plan)
     with open(conv_plan.cache_path(), "w") as file:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from minitensor import backend
+from minitensor import backend, cpu_runtime
 from minitensor.kernels import conv_plan, conv_policy, switches, table
 
 
@@ -42,7 +42,10 @@ def describe() -> str:
               f"C*OC <= {limits['forward']} (forward, dx) or <= {limits['kernel_grad']} (dW); every other product "
               f"to gemm.",
               f"'auto' starts from that and keeps what this machine measures faster (kernels/conv_plan.py); "
-              f"its plan file here: {conv_plan.cache_path()}"]
+              f"its plan file here: {conv_plan.cache_path()}",
+              f"NumPy's BLAS runs OpenBLAS's {cpu_runtime.blas_core() or '(not OpenBLAS)'} kernels here"
+              + (f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if os.environ.get("OPENBLAS_CORETYPE")
+                 else "")]
     return "\n".join(lines)
 
 

@@ -17,9 +17,10 @@ which is fastest on this machine from the training itself, as cuDNN's benchmark 
 - **Cache.** Decided keys (and a spent budget's trials) go to ``conv-plan-<machine>.json`` in
   ``cache_folder()`` (``MINITENSOR_CACHE_DIR``, or ``$XDG_CACHE_HOME/minitensor``, or
   ``~/.cache/minitensor``), one file per machine kind: the CPU model, its vector ISA, numba's thread
-  count, the NumPy and numba versions and the convolution kernels' own code (``machine()``; this
-  file is one of them). A later run on the same kind of machine tries nothing; a changed kernel or
-  thread count starts a new file. Written atomically; an unreadable file is warned about and
+  count, the kernels OpenBLAS runs (``cpu_runtime.blas_core``: OPENBLAS_CORETYPE can halve GEMM's
+  speed), the NumPy and numba versions and the convolution kernels' own code (``machine()``; this
+  file is one of them). A later run on the same kind of machine tries nothing; a changed kernel,
+  BLAS core or thread count starts a new file. Written atomically; an unreadable file is warned about and
   rewritten, an unwritable folder costs only the re-measuring.
 - **Checkpoint.** ``state()`` is every key this process served, decided or still in its trials, and
   ``restore()`` puts it back: a resumed run makes the same choices, and a key still in its trials
@@ -132,7 +133,8 @@ def _kernels_digest():
 def machine():
     """What a plan is valid for: the CPU, the threads, the libraries and the kernels' code."""
     return {"format": PLAN_FORMAT, **cpu_runtime.cpu_identity(), "numba_threads": numba.get_num_threads(),
-            "local_blas_threads": cpu_runtime.can_set_local_blas_threads(), "numpy": np.__version__,
+            "local_blas_threads": cpu_runtime.can_set_local_blas_threads(), "blas_core": cpu_runtime.blas_core(),
+            "numpy": np.__version__,
             "numba": numba.__version__, "kernels": _kernels_digest()}
 
 
