@@ -5,8 +5,8 @@ where 'auto' starts).
     python -m bench.conv_shapes --original      # unet's deep shapes (batch 1)
 
 For every shape it times the forward product and the kernel gradient dW under im2col + GEMM
-(kernels/conv_gemm.py, in cache-sized pieces), the direct kernel and Winograd (F(2x2, 3x3), and
-F(4x4, 3x3) for the forward), interleaved,
+(kernels/conv_gemm.py, in cache-sized pieces), the direct kernel and Winograd (F(2x2, 3x3) and
+F(4x4, 3x3)), interleaved,
 through the public ops ``kernels.conv2d_forward`` / ``conv2d_kernel_grad`` with ``algorithm=``,
 and prints the best of ``--repeats`` runs in ms. kernels/conv_policy.py's prefers_winograd and prefers_winograd4 are read off
 this table (docs/benchmarks.md, "Choosing the algorithm"); rerun it on a new machine kind
@@ -25,7 +25,6 @@ SMALL = [(16, 128, 3, 32), (16, 128, 32, 32), (16, 128, 64, 32), (16, 64, 32, 64
          (16, 32, 128, 128), (16, 32, 192, 64), (16, 16, 128, 128), (16, 16, 384, 128), (16, 8, 256, 256)]
 ORIGINAL = [(1, 138, 256, 256), (1, 102, 512, 256), (1, 66, 512, 512), (1, 54, 1024, 512), (1, 30, 1024, 1024)]
 ALGORITHMS = ("gemm", "direct", "winograd", "winograd4")
-FORWARD_ONLY = ("winograd4",)            # F(4x4, 3x3) has no kernel gradient of its own
 
 
 def products(x, kernel, dz):
@@ -36,8 +35,7 @@ def products(x, kernel, dz):
     for algorithm in ALGORITHMS:
         calls[f"forward {algorithm}"] = lambda a=algorithm: kernels.conv2d_forward(x, kernel, None, geometry,
                                                                                    algorithm=a)
-        if algorithm not in FORWARD_ONLY:
-            calls[f"dW {algorithm}"] = lambda a=algorithm: kernels.conv2d_kernel_grad(x, dz, geometry, algorithm=a)
+        calls[f"dW {algorithm}"] = lambda a=algorithm: kernels.conv2d_kernel_grad(x, dz, geometry, algorithm=a)
     return calls
 
 
@@ -47,9 +45,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    columns = [f"{product} {algorithm}" for product in ("forward", "dW") for algorithm in ALGORITHMS
-               if product == "forward" or algorithm not in FORWARD_ONLY]
-    print(f"{'N x S x S, C -> OC':<24}" + "".join(f"{name:>17}" for name in columns) + "   (ms, best of "
+    columns = [f"{product} {algorithm}" for product in ("forward", "dW") for algorithm in ALGORITHMS]
+    print(f"{'N x S x S, C -> OC':<24}" + "".join(f"{name:>18}" for name in columns) + "   (ms, best of "
           f"{args.repeats})")
     for images, size, channels, out_channels in (ORIGINAL if args.original else SMALL):
         x = rng.standard_normal((images, size, size, channels)).astype(np.float32)
@@ -65,7 +62,7 @@ def main(argv=None):
                 call()
                 best[name] = min(best[name], time.perf_counter() - start)
         label = f"{images}x{size}x{size}, {channels} -> {out_channels}"
-        print(f"{label:<24}" + "".join(f"{1e3 * best[name]:17.1f}" for name in columns), flush=True)
+        print(f"{label:<24}" + "".join(f"{1e3 * best[name]:18.1f}" for name in columns), flush=True)
     return 0
 
 
