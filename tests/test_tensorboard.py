@@ -162,7 +162,8 @@ def test_a_folder_that_holds_another_runs_events_is_refused_unless_starting_over
     assert {path: os.path.getsize(path) for path in event_files(board)} == before
     assert not_trained(tmp_path / "second")
     assert run_into_board("second", "--start-over") == 0
-    assert not set(event_files(board)) & set(before)            # the first run's events are gone
+    # the first run's file is gone (the new one may take its name when both open within one second)
+    assert len(before) == 1 and len(event_files(board)) == 1
     assert [step for step, _ in scalars(read_events(board))["loss"]] == [1]
 
 
