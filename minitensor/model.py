@@ -17,7 +17,8 @@ gradient of its output, calls its layer's hand-written ``backward``, and hands t
 the tensors it read. A tensor read by two layers (an encoder map that feeds both the next
 encoder block and a skip connection) receives two gradients, and they **add**, because
 L depends on x through both paths: dL/dx = dL/dx|path 1 + dL/dx|path 2. That one addition
-(``+`` in ``Model.backward``, which says why not ``+=``) is all a skip connection asks of backprop.
+(``kernels.add``, a + b, in ``Model.backward``, which says why not ``+=``) is all a skip connection
+asks of backprop.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import os
 
 import numpy as np
 
-from . import backend, keras_io, losses as loss_module, optimizers as optimizer_module
+from . import backend, kernels, keras_io, losses as loss_module, optimizers as optimizer_module
 from .files import ModelFileError, atomic_savez, read_npz, with_prefix
 from .layers.base import InputLayer, SymbolicTensor
 from .summary import summary_text
@@ -171,9 +172,9 @@ class Model:
         Why reverse creation order works: a node was created after every node that produced its
         inputs, so walking backwards, every reader of a tensor has run (and added its share of
         dL/dtensor) before the tensor's producer pops that gradient. A tensor read twice (an
-        encoder map feeding the next block and a skip connection) gets its two shares added with
-        ``+``, never ``+=``: a share may be a view into another array (Concatenate's backward
-        returns slices of its dy), and adding in place would write into it.
+        encoder map feeding the next block and a skip connection) gets its two shares added into a
+        new array (``kernels.add``: a + b), never with ``+=``: a share may be a view into another
+        array (Concatenate's backward returns slices of its dy), and adding in place would write into it.
 
         ``from_logits=True`` means dy is the gradient with respect to the output layer's logits
         (its pre-softmax values), so that layer skips its activation's backward.
@@ -194,7 +195,7 @@ class Model:
                 dinputs = [dinputs]
             for tensor, grad in zip(node.inputs, dinputs):
                 if id(tensor) in grads:
-                    grads[id(tensor)] = grads[id(tensor)] + grad   # a tensor read twice: gradients add
+                    grads[id(tensor)] = kernels.add(grads[id(tensor)], grad)   # a tensor read twice: gradients add
                 else:
                     grads[id(tensor)] = grad
         return grads.get(id(self.input))

@@ -194,6 +194,35 @@ def check_softmax_forward(function, twin, dtype, algorithm, seed=6):
     assert np.isnan(ours[0, 0, 1]).all() and np.isfinite(np.delete(ours.reshape(-1, 7), 1, axis=0)).all()
 
 
+def check_concatenate(function, twin, dtype, algorithm, seed=7):
+    """Along every axis (the U-Net's is the last), three inputs of unequal widths, one of them a strided
+    view, and an input of width 0: the reference's very values."""
+    rng = np.random.default_rng(seed)
+    for axis in (3, -1, 0, 1, 2):
+        shapes = [[2, 3, 4, 5], [2, 3, 4, 5], [2, 3, 4, 5]]
+        for shape, width in zip(shapes, (1, 4, 0)):
+            shape[axis] = width
+        arrays = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+        arrays[1] = np.concatenate([arrays[1], arrays[1]], axis=axis)[(slice(None),) * (axis % 4) + (slice(0, 4),)]
+        ours = twin.to_host(function([twin.to_device(a) for a in arrays], axis))
+        assert_same_array(ours, reference.concatenate(arrays, axis), dtype, f"axis {axis}")
+
+
+def check_add(function, twin, dtype, algorithm, seed=7):
+    """a + b with a a slice of a wider array along its channels (Concatenate's dy), b contiguous, and
+    the other way round; NaN and infinities add as NumPy adds them."""
+    rng = np.random.default_rng(seed)
+    wide = rng.standard_normal((2, 5, 7, 9)).astype(dtype)
+    a, b = wide[..., 2:6], rng.standard_normal((2, 5, 7, 4)).astype(dtype)
+    b[0, 0, 0] = [np.nan, np.inf, -np.inf, 1.0]
+    a[0, 0, 0] = [1.0, -np.inf, -np.inf, -1.0]
+    with np.errstate(invalid="ignore"):                        # inf + -inf is NaN, as it should be
+        for first, second in ((a, b), (b, a), (b, b)):
+            ours = twin.call(function, first, second)
+            assert_same_array(ours, reference.add(first, second), dtype)
+        assert np.isnan(twin.call(function, a, b)[0, 0, 0, :2]).all()
+
+
 def check_adam_update(function, twin, dtype, algorithm):
     """Three steps in place, then two that a non-finite guard must skip: the reference's very bits.
 

@@ -36,7 +36,7 @@ if __doc__:                       # None under python -OO
     __doc__ += table.format_table()
 
 __all__ = ["CONV_ALGORITHMS", "ConvGeometry", "adam_update", "col2im", "conv2d_forward", "conv2d_input_grad",
-           "conv2d_kernel_grad", "conv_algorithm", "conv_algorithm_of", "conv_plan", "get_conv_algorithm", "im2col",
+           "conv2d_kernel_grad", "concatenate", "conv_algorithm", "conv_algorithm_of", "conv_plan", "get_conv_algorithm", "im2col",
            "implementation_of", "maxpool_backward", "maxpool_forward", "reference_kernels",
            "set_conv_algorithm", "softmax_forward", "upsample_backward", "upsample_forward", "use_reference",
            "using_reference", *table.ELEMENTWISE]
@@ -130,6 +130,26 @@ def softmax_forward(x):
         raise ValueError(f"x must be a float32 or float64 array with a non-empty last axis, got "
                          f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
     return _serve("softmax_forward", x)(x)
+
+
+def concatenate(arrays, axis):
+    """The arrays side by side along ``axis``: (..., sum C_i, ...). See reference.concatenate."""
+    if not isinstance(arrays, (list, tuple)) or not arrays:
+        raise TypeError(f"concatenate takes a non-empty list of arrays, got {type(arrays).__name__}")
+    first = arrays[0]
+    if not hasattr(first, "ndim"):
+        raise TypeError(f"concatenate takes NumPy or CuPy arrays, got {type(first).__name__}")
+    for array in arrays:
+        check_float_array("each array", array, first.ndim)
+        if array.dtype != first.dtype:
+            raise TypeError(f"concatenate: the arrays are {' and '.join(str(a.dtype) for a in arrays)}: use one dtype")
+    if not -first.ndim <= axis < first.ndim:
+        raise ValueError(f"axis {axis} is out of range for {first.ndim}-dimensional arrays")
+    others = [tuple(a.shape[:axis % first.ndim]) + tuple(a.shape[axis % first.ndim + 1:]) for a in arrays]
+    if len(set(others)) != 1:
+        raise ValueError(f"concatenate along axis {axis}: the arrays must agree on every other axis, got "
+                         f"{' and '.join(str(tuple(a.shape)) for a in arrays)}")
+    return _serve("concatenate", *arrays)(list(arrays), axis)
 
 
 def _elementwise(op):

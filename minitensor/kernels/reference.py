@@ -246,6 +246,14 @@ def upsample_backward(dy, sh, sw):
     return dx
 
 
+def concatenate(arrays, axis):
+    """The arrays side by side along ``axis`` (Concatenate's forward; its backward is slices of dy, no op).
+
+    arrays: a list of (..., C_i, ...) arrays that agree on every other axis. Returns (..., sum C_i, ...).
+    """
+    return get_array_module(*arrays).concatenate(arrays, axis=axis)
+
+
 def softmax_forward(x):
     """Softmax over the last axis: exp(x - max) / sum(exp(x - max)) (activations.py derives its
     backward). Subtracting the max changes nothing mathematically and keeps exp from overflowing."""
@@ -269,6 +277,14 @@ def relu_backward(dy, y):
     """dx = dy where the ReLU's output y was positive, else 0: ``dy * (y > 0)`` (activations.py
     derives it). dy and y share shape, dtype and device."""
     return dy * (y > 0)
+
+
+@elementwise
+def add(a, b):
+    """a + b: the two shares of the gradient of a tensor read twice (an encoder map that also feeds a skip
+    connection; Model.backward adds them). A share may be a view into another array (a slice of
+    Concatenate's dy): the sum is a new array, never written into either."""
+    return a + b
 
 
 def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
