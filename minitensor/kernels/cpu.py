@@ -17,8 +17,12 @@ Debugging tip: run with ``NUMBA_DISABLE_JIT=1`` and these kernels run as plain P
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
+
+from minitensor.kernels import reference
 
 # fastmath=False: no reordering of additions, so sums come out in the reference's order.
 _jit = njit(parallel=True, cache=True, fastmath=False)
@@ -222,6 +226,19 @@ def _copy_block(source, out, first):
             out[row, first + q] = source[row, q]
 
 
+@_jit
+def _adam_kernel(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """reference.adam_update's operations in its order, one element at a time, parallel: each of param,
+    grad, m and v read once and param, m, v written once, no temporaries (the reference makes 9 passes
+    over the parameter and 2 temporaries). fastmath=False: no fused multiply-adds, so the same bits."""
+    for i in prange(param.size):
+        g = grad[i]
+        m_i = m[i] + (g - m[i]) * one_minus_beta_1
+        v_i = v[i] + (g * g - v[i]) * one_minus_beta_2
+        m[i], v[i] = m_i, v_i
+        param[i] -= (m_i * step_size) / (np.sqrt(v_i) + epsilon)
+
+
 def im2col(x, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w, out=None):
     """Numba twin of ``reference.im2col``: cols (N*out_h*out_w, kh*kw*C), written into ``out`` if given."""
     x = np.ascontiguousarray(x)
@@ -325,3 +342,20 @@ def concatenate(arrays, axis):
         _copy_block(block, out_matrix, first)
         first += block.shape[1]
     return out
+
+
+def adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon, guard=None):
+    """Numba twin of ``reference.adam_update``: the step in one parallel pass, in place, the reference's bits.
+
+    Performance contract: one read of param, grad, m and v and one write of param, m and v per element,
+    no temporary (small_unet's 2 M parameters: 19 ms a step by the reference on a 2-core Xeon). The
+    scalars are cast to the arrays' dtype first, as NumPy treats a Python float beside a float32 array.
+    Arrays that are not C-contiguous take the reference's code."""
+    if guard is not None and not math.isfinite(float(guard)):
+        return
+    if not all(array.flags.c_contiguous for array in (param, grad, m, v)):
+        reference.adam_update(param, grad, m, v, step_size, one_minus_beta_1, one_minus_beta_2, epsilon)
+        return
+    scalar = param.dtype.type
+    _adam_kernel(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), scalar(step_size),
+                 scalar(one_minus_beta_1), scalar(one_minus_beta_2), scalar(epsilon))

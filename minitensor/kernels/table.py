@@ -93,9 +93,7 @@ TABLE = {
                     "cuda": Uses("reference", "CuPy's concatenate is one copy kernel per input, already fast")},
     "add": {"naive": None, "reference": Own(reference), "numba": Own(cpu),
             "cuda": Uses("reference", "a + b is one CuPy elementwise kernel, already fast")},
-    "adam_update": {"naive": None, "reference": Own(reference),
-                    "numba": Uses("reference", "one vectorised NumPy pass per operation, no launch cost to save"),
-                    "cuda": Own(gpu)},
+    "adam_update": {"naive": None, "reference": Own(reference), "numba": Own(cpu), "cuda": Own(gpu)},
 }
 
 #: The elementwise ops: the reference kernels marked ``@elementwise`` (reference.py; every array
