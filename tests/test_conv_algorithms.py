@@ -202,21 +202,23 @@ def test_winograd4_transforms_are_the_papers_and_its_chunks_change_nothing(monke
     """F(4, 3) in one dimension: A^T [(G g) * (B^T d)] is the 3-tap correlation of six inputs, and the
     kernels' B^T and A^T are those matrices; U = G g G^T of the centre tap; and the tiles' chunking
     (CHUNK_BYTES) changes no output by more than rounding."""
-    from minitensor.kernels import cpu_winograd4
+    from minitensor.kernels import cpu_winograd4, cpu_winograd4_tiles as tiles
 
     rng = np.random.default_rng(1)
     d, g = rng.standard_normal(6), rng.standard_normal(3)
-    b_t, g_matrix, a_t = (np.array(m, dtype=float) for m in (cpu_winograd4._B_T, cpu_winograd4._G, cpu_winograd4._A_T))
+    b_t, g_matrix, a_t = (np.array(m, dtype=float) for m in (tiles.B_T, tiles.G, tiles.A_T))
     np.testing.assert_allclose(a_t @ ((g_matrix @ g) * (b_t @ d)), [d[i:i + 3] @ g for i in range(4)], rtol=1e-13)
-    np.testing.assert_allclose(cpu_winograd4._b_t(*d), b_t @ d, rtol=1e-14)        # the kernels' hand-written forms
-    np.testing.assert_allclose(cpu_winograd4._a_t(*d), a_t @ d, rtol=1e-14)
+    np.testing.assert_allclose(tiles.b_t(*d), b_t @ d, rtol=1e-14)        # the kernels' hand-written forms
+    np.testing.assert_allclose(tiles.a_t(*d), a_t @ d, rtol=1e-14)
     kernel = np.zeros((3, 3, 1, 1))
     kernel[1, 1, 0, 0] = 1.0
-    u = cpu_winograd4.transform_kernel(kernel, 4)[:, 0, 0].reshape(6, 6)
+    u = tiles.transform_kernel(kernel, 4)[:, 0, 0].reshape(6, 6)
     np.testing.assert_allclose(u, np.outer(g_matrix[:, 1], g_matrix[:, 1]), rtol=1e-15)
     x, kernel, bias, dz, geometry = operands(3, 13, 22, 5, 7, padding="valid", dtype=np.float64)
     whole = kernels.conv2d_forward(x, kernel, bias, geometry, algorithm="winograd4")
-    monkeypatch.setattr(cpu_winograd4, "CHUNK_BYTES", 1)        # 16 tiles a chunk: 4 chunks, the last short
+    monkeypatch.setattr(cpu_winograd4, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_winograd4, "MIN_CHUNK_TILES", 7)    # 45 tiles, 3 x 3 x 5: 7 chunks, cut mid-row
+    assert cpu_winograd4.chunk_tiles(45, 8, 7, 8) == 7
     chunked = kernels.conv2d_forward(x, kernel, bias, geometry, algorithm="winograd4")
     assert np.abs(chunked - whole).max() <= 1e-14 * np.abs(whole).max()      # BLAS may round a short chunk apart
     plain = reference.conv2d_forward(x, kernel, bias, geometry)
@@ -233,7 +235,9 @@ def test_winograd4_kernel_gradient_is_the_same_on_any_number_of_threads(monkeypa
 
     x, _, _, dz, geometry = operands(3, 15, 24, 5, 7, padding="valid", dtype=np.float64)
     plain = reference.conv2d_kernel_grad(x, dz, geometry)
-    monkeypatch.setattr(cpu_winograd4, "CHUNK_BYTES", 1)        # 64 tiles a chunk: 5 chunks, 5 groups
+    monkeypatch.setattr(cpu_winograd4, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_winograd4, "MIN_CHUNK_TILES", 5)    # 72 tiles, 3 x 4 x 6: 15 chunks, 15 groups
+    assert cpu_winograd4.chunk_tiles(72, 8, 7, 8) == 5
     threads = numba.get_num_threads()
     try:
         results = []

@@ -50,7 +50,8 @@ from minitensor.kernels import cpu_winograd4
 #: Bumped when the file's layout or the meaning of its keys changes.
 PLAN_FORMAT = 1
 #: The files whose code the timings measure: a change to any of them starts a new cache file.
-KERNEL_FILES = ("conv_gemm.py", "cpu_conv.py", "cpu_winograd.py", "cpu_winograd4.py", "conv_plan.py")
+KERNEL_FILES = ("conv_gemm.py", "cpu_conv.py", "cpu_winograd.py", "cpu_winograd4.py", "cpu_winograd4_tiles.py",
+                "conv_plan.py")
 #: Seconds a process's trials may cost beyond the fastest candidates; past it, keys are decided on what
 #: they have (a later run on the machine tries the rest).
 TRIAL_BUDGET_S = 10.0

@@ -5,8 +5,8 @@ One row per op, one column per implementation:
 - ``naive``: plain loops, one output element at a time (naive.py), the definition; never dispatched to;
 - ``reference``: plain vectorised array code (reference.py) for NumPy and CuPy alike, the truth the
   others are tested against, and what learning mode runs (kernels/switches.py);
-- ``numba``: the CPU kernels (cpu.py; the convolutions in conv_gemm.py, cpu_winograd.py, cpu_winograd4.py,
-  cpu_conv.py);
+- ``numba``: the CPU kernels (cpu.py; the convolutions in conv_gemm.py, cpu_winograd.py, cpu_winograd4.py
+  with its cpu_winograd4_tiles.py, cpu_conv.py);
 - ``cuda``: the GPU kernels (gpu.py, CUDA C compiled by CuPy; the convolution in conv_gemm.py).
 
 A cell is ``Own`` (the implementation's own code), ``Uses`` (a fallback: it runs another
