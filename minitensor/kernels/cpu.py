@@ -287,8 +287,11 @@ def upsample_forward(x, sh, sw):
 
 
 def upsample_backward(dy, sh, sw):
-    """Numba twin of ``reference.upsample_backward``: dx (N, H, W, C)."""
-    dy = np.ascontiguousarray(dy)
+    """Numba twin of ``reference.upsample_backward``: dx (N, H, W, C).
+
+    dy is read where it lies: in a U-Net it is a slice of the next Concatenate's gradient along the
+    channels, and NumPy's copy of such a view (16x128x128x32 of 64 channels) took 11 ms of the 14; numba's
+    strided version of the kernel sums it in 8.7 ms, its contiguous one a contiguous dy in 3.3."""
     n_batch, out_h, out_w, channels = dy.shape
     dx = np.zeros((n_batch, out_h // sh, out_w // sw, channels), dtype=dy.dtype)
     _upsample_backward_kernel(dy, dx, sh, sw)
