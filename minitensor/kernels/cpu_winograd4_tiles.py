@@ -21,10 +21,10 @@ _serial = njit(nogil=True, cache=True, fastmath={"contract"})
 _KERNEL_BLOCK = 64               # output channels per step of transform_kernel
 
 G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
+     (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
 # B^T and A^T as matrices, for reading and for the tests: the kernels use their hand-written forms b_t, a_t.
 B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+       (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
@@ -123,12 +123,12 @@ def transform_outputs(m, bias, relu, start, count, y, cols_done):
         for j in range(6):
             for o in range(out_channels):
                 p0, p1, p2, p3 = a_t(m[j, t, o], m[6 + j, t, o], m[12 + j, t, o],
-                                      m[18 + j, t, o], m[24 + j, t, o], m[30 + j, t, o])
+                                     m[18 + j, t, o], m[24 + j, t, o], m[30 + j, t, o])
                 cols_done[0, j, o], cols_done[1, j, o], cols_done[2, j, o], cols_done[3, j, o] = p0, p1, p2, p3
         for k in range(4):
             for o in range(out_channels):
                 y0, y1, y2, y3 = a_t(cols_done[k, 0, o], cols_done[k, 1, o], cols_done[k, 2, o],
-                                      cols_done[k, 3, o], cols_done[k, 4, o], cols_done[k, 5, o])
+                                     cols_done[k, 3, o], cols_done[k, 4, o], cols_done[k, 5, o])
                 y0, y1, y2, y3 = y0 + bias[o], y1 + bias[o], y2 + bias[o], y3 + bias[o]
                 if relu:
                     zero = type(y0)(0)
@@ -160,13 +160,13 @@ def transform_output_grads(dz, tiles_w, start, count, dm, cols_done):
         for j in range(4):          # A dY: each of the four columns becomes six rows
             for o in range(out_channels):
                 p0, p1, p2, p3, p4, p5 = a(dz[n, oh, ow + j, o], dz[n, oh + 1, ow + j, o],
-                                            dz[n, oh + 2, ow + j, o], dz[n, oh + 3, ow + j, o])
+                                           dz[n, oh + 2, ow + j, o], dz[n, oh + 3, ow + j, o])
                 cols_done[0, j, o], cols_done[1, j, o], cols_done[2, j, o] = p0, p1, p2
                 cols_done[3, j, o], cols_done[4, j, o], cols_done[5, j, o] = p3, p4, p5
         for i in range(6):          # (A dY) A^T: each of the six rows becomes six values
             for o in range(out_channels):
                 q0, q1, q2, q3, q4, q5 = a(cols_done[i, 0, o], cols_done[i, 1, o], cols_done[i, 2, o],
-                                            cols_done[i, 3, o])
+                                           cols_done[i, 3, o])
                 dm[6 * i, t, o], dm[6 * i + 1, t, o], dm[6 * i + 2, t, o] = q0, q1, q2
                 dm[6 * i + 3, t, o], dm[6 * i + 4, t, o], dm[6 * i + 5, t, o] = q3, q4, q5
 
