@@ -35,11 +35,11 @@ from minitensor.kernels.switches import (CONV_ALGORITHMS, conv_algorithm, get_co
 if __doc__:                       # None under python -OO
     __doc__ += table.format_table()
 
-__all__ = ["CONV_ALGORITHMS", "ConvGeometry", "adam_update", "col2im", "conv2d_forward", "conv2d_input_grad",
-           "conv2d_kernel_grad", "concatenate", "conv_algorithm", "conv_algorithm_of", "conv_plan", "get_conv_algorithm", "im2col",
-           "implementation_of", "maxpool_backward", "maxpool_forward", "reference_kernels",
-           "set_conv_algorithm", "softmax_forward", "upsample_backward", "upsample_forward", "use_reference",
-           "using_reference", *table.ELEMENTWISE]
+__all__ = ["CONV_ALGORITHMS", "ConvGeometry", "adam_update", "col2im", "concatenate", "conv2d_forward",
+           "conv2d_input_grad", "conv2d_kernel_grad", "conv_algorithm", "conv_algorithm_of", "conv_plan",
+           "get_conv_algorithm", "im2col", "implementation_of", "maxpool_backward", "maxpool_forward",
+           "reference_kernels", "set_conv_algorithm", "softmax_forward", "upsample_backward", "upsample_forward",
+           "use_reference", "using_reference", *table.ELEMENTWISE]
 
 
 def implementation_of(op, *arrays):
