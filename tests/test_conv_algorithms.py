@@ -225,6 +225,28 @@ def test_winograd4_transforms_are_the_papers_and_its_chunks_change_nothing(monke
     assert np.abs(whole - plain).max() <= 3e-14 * np.abs(plain).max()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd4_kernel_transforms_match_their_plain_twins(dtype):
+    """transform_kernel and untransform_kernel_grad (numba, parallel over channels) against their tensordot
+    twins: both sum in float64 and round once, in other orders, so float32 agrees to an ulp of the largest
+    entry and float64 to rounding; odd channel counts, zero rows past C, more than one block of 64 outputs."""
+    from minitensor.kernels import cpu_winograd4_tiles as tiles
+
+    rng = np.random.default_rng(3)
+    bound = {np.float32: 1.2e-7, np.float64: 1e-15}[dtype]
+    for in_channels, channels, out_channels in ((5, 8, 7), (3, 4, 32), (64, 64, 130), (1, 4, 1)):
+        kernel = rng.standard_normal((3, 3, in_channels, out_channels)).astype(dtype)
+        fast, plain = tiles.transform_kernel(kernel, channels), tiles.transform_kernel_plain(kernel, channels)
+        assert fast.dtype == dtype and fast.shape == (36, channels, out_channels)
+        assert np.abs(fast - plain).max() <= bound * np.abs(plain).max()
+        assert not fast.reshape(6, 6, channels, out_channels)[:, :, in_channels:].any()
+        grad_u = rng.standard_normal((36, channels, out_channels)).astype(dtype)
+        fast = tiles.untransform_kernel_grad(grad_u, in_channels)
+        plain = tiles.untransform_kernel_grad_plain(grad_u, in_channels)
+        assert fast.dtype == dtype and fast.shape == (3, 3, in_channels, out_channels)
+        assert np.abs(fast - plain).max() <= bound * np.abs(plain).max()
+
+
 def test_winograd4_kernel_gradient_is_the_same_on_any_number_of_threads(monkeypatch):
     """dW by F(4x4, 3x3) sums its chunks in groups fixed by the shape: one thread or two give the same bits
     (a resumed run on a machine with other cores must too), chunked finely or not it is the reference's

@@ -141,8 +141,9 @@ def conv2d_forward(x, kernel, bias, geometry, relu=False):
     work = [starts[worker::count] for worker in range(min(count, len(starts)))]
     # The chunks are fixed by the shape; which thread runs one changes no bit of it.
     # One BLAS thread per chunk while they run side by side, set and put back by this thread alone
-    # (cpu_runtime.set_local_blas_threads: in NumPy's OpenBLAS the count is the process's).
-    previous = cpu_runtime.set_local_blas_threads(1)
+    # (cpu_runtime.set_local_blas_threads: in NumPy's OpenBLAS the count is the process's). A lone chunk
+    # keeps all of BLAS's threads, which split each product by rows and columns: the same bits.
+    previous = cpu_runtime.set_local_blas_threads(1) if len(work) > 1 else None
     try:
         futures = [pool.submit(_run_chunks_on_one_blas_thread, mine, x_pad, u, bias, bool(relu), tiles_h, tiles_w,
                                total, chunk, y) for mine in work[1:]]
@@ -214,7 +215,7 @@ def conv2d_kernel_grad(x, dz, geometry):
     partial = np.empty((group_count, 36, channels, out_channels), dtype=x.dtype)
     pool, count = _workers()
     work = [groups[worker::count] for worker in range(min(count, group_count))]
-    previous = cpu_runtime.set_local_blas_threads(1)
+    previous = cpu_runtime.set_local_blas_threads(1) if len(work) > 1 else None    # as in the forward
     try:
         futures = [pool.submit(_kernel_grad_groups_on_one_blas_thread, mine, x_pad, dz, tiles_h, tiles_w, total,
                                chunk, partial) for mine in work[1:]]

@@ -13,10 +13,12 @@ loops are serial numba without the GIL: cpu_winograd4.py's worker threads run on
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # Serial and without the GIL: the parallelism is cpu_winograd4.py's own worker threads, one chunk of tiles each.
 _serial = njit(nogil=True, cache=True, fastmath={"contract"})
+# The kernel's transforms run once per call, before the workers start: parallel over the channels.
+_parallel = njit(parallel=True, cache=True, fastmath={"contract"})
 
 _KERNEL_BLOCK = 64               # output channels per step of transform_kernel
 
@@ -30,6 +32,41 @@ A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 
 
 def transform_kernel(kernel, channels):
     """U = G g G^T for every (c, o): kernel (3, 3, C, OC) -> (36, channels, OC), zero rows past C.
+
+    Computed in float64 and rounded once, so that G's sixths and twenty-fourths add no float32 error of
+    their own. Performance contract: one parallel numba pass that reads the kernel once and writes U once
+    (_kernel_transform), against transform_kernel_plain's tensordots, transposes and strided stores (16 ms
+    for a 384 -> 128 kernel on a 2-core Xeon, about the cost of the layer's products at batch 4)."""
+    _, _, in_channels, out_channels = kernel.shape
+    u = np.empty((6, 6, channels, out_channels), dtype=kernel.dtype)
+    u[:, :, in_channels:] = 0
+    _kernel_transform(np.ascontiguousarray(kernel), np.array(G), u)
+    return u.reshape(36, channels, out_channels)
+
+
+@_parallel
+def _kernel_transform(kernel, g, u):
+    """u[a, b, c, o] = sum_j (sum_i g[a, i] kernel[i, j, c, o]) g[b, j] in float64, for c < C: one task per
+    (c, a), the rows of G g first (the three columns' a-th values), then their six sums with G^T's columns."""
+    in_channels, out_channels = kernel.shape[2], kernel.shape[3]
+    for task in prange(in_channels * 6):
+        c, a = divmod(np.int64(task), 6)
+        ga0, ga1, ga2 = g[a, 0], g[a, 1], g[a, 2]
+        rows = np.empty((3, out_channels), dtype=np.float64)
+        for j in range(3):
+            row, top, middle, bottom = rows[j], kernel[0, j, c], kernel[1, j, c], kernel[2, j, c]
+            for o in range(out_channels):
+                row[o] = ga0 * top[o] + ga1 * middle[o] + ga2 * bottom[o]
+        first, second, third = rows[0], rows[1], rows[2]
+        for b in range(6):
+            gb0, gb1, gb2, out = g[b, 0], g[b, 1], g[b, 2], u[a, b, c]
+            for o in range(out_channels):
+                out[o] = first[o] * gb0 + second[o] * gb1 + third[o] * gb2
+
+
+def transform_kernel_plain(kernel, channels):
+    """U = G g G^T for every (c, o): kernel (3, 3, C, OC) -> (36, channels, OC), zero rows past C; the plain
+    twin of transform_kernel (two tensordots), which the tests hold it to.
 
     Computed in float64 and rounded once, so that G's sixths and twenty-fourths add no float32 error of
     their own; a block of output channels at a time, so that the float64 temporaries stay small (whole,
@@ -172,8 +209,39 @@ def transform_output_grads(dz, tiles_w, start, count, dm, cols_done):
 
 
 def untransform_kernel_grad(grad_u, in_channels):
+    """dW = G^T dU G for every (c, o): (36, C4, OC) -> (3, 3, in_channels, OC), in float64 rounded once (as
+    transform_kernel). Performance contract: one parallel numba pass over dU (_kernel_grad_untransform), as
+    transform_kernel is to transform_kernel_plain."""
+    _, channels, out_channels = grad_u.shape
+    grad = np.empty((3, 3, in_channels, out_channels), dtype=grad_u.dtype)
+    _kernel_grad_untransform(np.ascontiguousarray(grad_u).reshape(6, 6, channels, out_channels), np.array(G), grad)
+    return grad
+
+
+@_parallel
+def _kernel_grad_untransform(grad_u, g, grad):
+    """grad[i, j, c, o] = sum_b (sum_a g[a, i] grad_u[a, b, c, o]) g[b, j] in float64: one task per (c, i)."""
+    in_channels, out_channels = grad.shape[2], grad.shape[3]
+    for task in prange(in_channels * 3):
+        c, i = divmod(np.int64(task), 3)
+        rows = np.zeros((6, out_channels), dtype=np.float64)       # rows[b] = (G^T dU)[i, b]
+        for a in range(6):
+            gai = g[a, i]
+            for b in range(6):
+                row, source = rows[b], grad_u[a, b, c]
+                for o in range(out_channels):
+                    row[o] += gai * source[o]
+        for j in range(3):
+            out = grad[i, j, c]
+            g0, g1, g2, g3, g4, g5 = g[0, j], g[1, j], g[2, j], g[3, j], g[4, j], g[5, j]
+            r0, r1, r2, r3, r4, r5 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
+            for o in range(out_channels):
+                out[o] = r0[o] * g0 + r1[o] * g1 + r2[o] * g2 + r3[o] * g3 + r4[o] * g4 + r5[o] * g5
+
+
+def untransform_kernel_grad_plain(grad_u, in_channels):
     """dW = G^T dU G for every (c, o): (36, C4, OC) -> (3, 3, in_channels, OC), in float64 rounded once
-    (as transform_kernel), a block of output channels at a time."""
+    (as transform_kernel), a block of output channels at a time; the plain twin of untransform_kernel_grad."""
     _, channels, out_channels = grad_u.shape
     g = np.array(G)
     grad = np.empty((3, 3, in_channels, out_channels), dtype=grad_u.dtype)
