@@ -40,8 +40,9 @@ where a numba loop over broadcast tiles stays load-bound. The tiles of all image
 image by image, row by row, and cut into chunks (``CHUNK_BYTES`` of V and M together, at least
 ``MIN_CHUNK_TILES`` tiles). Each worker thread (one per numba thread) takes every n-th chunk and, for
 each, transforms its inputs (serial numba without the GIL, cpu_winograd4_tiles.py), runs ``np.matmul``
-over the 36 positions on one BLAS thread, and transforms its outputs back into y. The chunk stays in
-the cache between the three steps; the whole 2.25x-sized transformed image is never built.
+over the 36 positions on one BLAS thread (all of BLAS's threads when there is a single chunk), and
+transforms its outputs back into y. The chunk stays in the cache between the three steps; the whole
+2.25x-sized transformed image is never built.
 
 Contract. Memory: the padded input (scratch memory), the output, the transformed kernel (36 x C x
 OC, 4x the kernel) and one chunk's V and M. Every output element is written once; the sums run in an

@@ -35,8 +35,8 @@ def transform_kernel(kernel, channels):
 
     Computed in float64 and rounded once, so that G's sixths and twenty-fourths add no float32 error of
     their own. Performance contract: one parallel numba pass that reads the kernel once and writes U once
-    (_kernel_transform), against transform_kernel_plain's tensordots, transposes and strided stores (16 ms
-    for a 384 -> 128 kernel on a 2-core Xeon, about the cost of the layer's products at batch 4)."""
+    (_kernel_transform), where transform_kernel_plain's tensordots, transposes and strided stores cost as much
+    as a 16 px layer's products at batch 4 (docs/benchmarks.md, "The transformed kernel", has the timings)."""
     _, _, in_channels, out_channels = kernel.shape
     u = np.empty((6, 6, channels, out_channels), dtype=kernel.dtype)
     u[:, :, in_channels:] = 0
