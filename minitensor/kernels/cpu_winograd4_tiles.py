@@ -20,7 +20,7 @@ _serial = njit(nogil=True, cache=True, fastmath={"contract"})
 # The kernel's transforms run once per call, before the workers start: parallel over the channels.
 _parallel = njit(parallel=True, cache=True, fastmath={"contract"})
 
-_KERNEL_BLOCK = 64               # output channels per step of transform_kernel
+_KERNEL_BLOCK = 64               # output channels per step of the *_plain twins' tensordots
 
 G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
